@@ -1,0 +1,139 @@
+// The nanobind module: the only file that knows Python. Converts types and exceptions; every
+// call that decodes releases the GIL.
+#include <nanobind/nanobind.h>
+#include <nanobind/ndarray.h>
+#include <nanobind/stl/map.h>
+#include <nanobind/stl/pair.h>
+#include <nanobind/stl/string.h>
+#include <nanobind/stl/vector.h>
+
+#include <cstring>
+
+#include "error.h"
+#include "gguf_check.h"
+#include "model.h"
+
+namespace nb = nanobind;
+using namespace nb::literals;
+using blendin::Model;
+using blendin::Token;
+
+namespace {
+
+nb::bytes to_bytes(const std::string& s) { return nb::bytes(s.data(), s.size()); }
+
+// Logits rows as a fresh float32 numpy array of shape (rows, n_vocab) that owns its memory.
+nb::ndarray<nb::numpy, float, nb::ndim<2>> to_array(std::vector<float>&& v, size_t rows, size_t cols) {
+    auto* data = new std::vector<float>(std::move(v));
+    nb::capsule owner(data, [](void* p) noexcept { delete static_cast<std::vector<float>*>(p); });
+    return nb::ndarray<nb::numpy, float, nb::ndim<2>>(data->data(), {rows, cols}, owner);
+}
+
+// Logits of every position of `tokens` for sequence 0, decoded from an empty cache (a helper for
+// tests and research; the engine never copies logits like this).
+std::vector<float> all_logits(Model& m, const std::vector<Token>& tokens) {
+    m.check_tokens(tokens);
+    if (tokens.empty()) throw blendin::ValueError("logits() needs at least one token");
+    if (static_cast<int>(tokens.size()) > m.n_ctx())
+        throw blendin::ValueError(std::to_string(tokens.size()) + " tokens do not fit the context of " +
+                                  std::to_string(m.n_ctx()));
+    const size_t nv = m.n_vocab();
+    std::vector<float> out(tokens.size() * nv);
+    m.truncate(-1, 0);
+    std::vector<blendin::BatchItem> batch;
+    for (size_t start = 0; start < tokens.size(); start += m.n_batch()) {
+        size_t end = std::min(tokens.size(), start + m.n_batch());
+        batch.clear();
+        for (size_t i = start; i < end; ++i) batch.push_back({tokens[i], static_cast<int>(i), 0, true});
+        m.decode(batch);
+        for (size_t i = start; i < end; ++i) std::memcpy(&out[i * nv], m.logits(static_cast<int>(i - start)), nv * sizeof(float));
+    }
+    return out;
+}
+
+}  // namespace
+
+NB_MODULE(_core, m) {
+    m.doc() = "blendin_cpp native core (llama.cpp decoding loop)";
+
+    static nb::exception<blendin::Error> blend_error(m, "BlendError", PyExc_RuntimeError);
+    nb::register_exception_translator([](const std::exception_ptr& p, void*) {
+        try {
+            std::rethrow_exception(p);
+        } catch (const blendin::FileError& e) {
+            PyErr_SetString(PyExc_FileNotFoundError, e.what());
+        } catch (const blendin::ValueError& e) {
+            PyErr_SetString(PyExc_ValueError, e.what());
+        }
+    });
+
+    m.def("set_verbose", &blendin::set_verbose, "on"_a, "Print llama.cpp's log to stderr (off by default).");
+    m.def("check_gguf", [](const std::string& path) {
+        auto s = blendin::check_gguf(path);
+        return nb::make_tuple(s.architecture, s.n_tensors, s.file_size);
+    }, "path"_a, nb::call_guard<nb::gil_scoped_release>());
+
+    nb::class_<Model>(m, "Model")
+        .def("__init__", [](Model* self, const std::string& path, int n_ctx, int n_batch, int n_seq_max,
+                            int n_gpu_layers, int n_threads, const std::string& kv_type,
+                            const std::vector<std::pair<std::string, float>>& adapters) {
+                 blendin::ModelParams p{n_ctx, n_batch, n_seq_max, n_gpu_layers, n_threads, kv_type};
+                 nb::gil_scoped_release release;
+                 new (self) Model(path, p, adapters);
+             },
+             "path"_a, "n_ctx"_a, "n_batch"_a, "n_seq_max"_a, "n_gpu_layers"_a, "n_threads"_a, "kv_type"_a,
+             "adapters"_a)
+        .def_prop_ro("n_vocab", &Model::n_vocab)
+        .def_prop_ro("n_ctx", &Model::n_ctx)
+        .def_prop_ro("n_ctx_train", &Model::n_ctx_train)
+        .def_prop_ro("n_batch", &Model::n_batch)
+        .def_prop_ro("n_seq_max", &Model::n_seq_max)
+        .def_prop_ro("n_embd", &Model::n_embd)
+        .def_prop_ro("bos", &Model::bos)
+        .def_prop_ro("eos", &Model::eos)
+        .def_prop_ro("eot", &Model::eot)
+        .def_prop_ro("add_bos", &Model::add_bos)
+        .def_prop_ro("path", &Model::path)
+        .def_prop_ro("architecture", &Model::architecture)
+        .def_prop_ro("chat_template", &Model::chat_template)
+        .def_prop_ro("description", &Model::description)
+        .def_prop_ro("n_params", &Model::n_params)
+        .def_prop_ro("model_size", &Model::model_size)
+        .def_prop_ro("file_size", &Model::file_size)
+        .def_prop_ro("n_adapters", &Model::n_adapters)
+        .def_prop_ro("decode_calls", &Model::decode_calls)
+        .def_prop_ro("decoded_tokens", &Model::decoded_tokens)
+        .def("is_eog", &Model::is_eog, "token"_a)
+        .def("is_control", &Model::is_control, "token"_a)
+        .def("tokenize", &Model::tokenize, "text"_a, "add_special"_a, "parse_special"_a)
+        .def("detokenize", &Model::detokenize, "tokens"_a, "remove_special"_a, "unparse_special"_a)
+        .def("piece", [](const Model& self, Token t, bool special) { return to_bytes(self.piece(t, special)); },
+             "token"_a, "special"_a)
+        .def("meta", &Model::meta, "key"_a)
+        .def("metadata", &Model::metadata)
+        .def("decode", [](Model& self, const std::vector<Token>& tokens, const std::vector<int>& pos,
+                          const std::vector<int>& seq, const std::vector<bool>& want_logits) {
+                 size_t n = tokens.size();
+                 if (pos.size() != n || seq.size() != n || want_logits.size() != n)
+                     throw blendin::ValueError("tokens, positions, sequences and logits flags must have the same length");
+                 std::vector<blendin::BatchItem> batch(n);
+                 for (size_t i = 0; i < n; ++i) batch[i] = {tokens[i], pos[i], seq[i], static_cast<bool>(want_logits[i])};
+                 nb::gil_scoped_release release;
+                 self.decode(batch);
+             }, "tokens"_a, "positions"_a, "sequences"_a, "logits"_a)
+        .def("logits_row", [](const Model& self, int i) {
+                 const float* row = self.logits(i);
+                 return to_array(std::vector<float>(row, row + self.n_vocab()), 1, self.n_vocab());
+             }, "i"_a)
+        .def("logits", [](Model& self, const std::vector<Token>& tokens) {
+                 std::vector<float> v;
+                 {
+                     nb::gil_scoped_release release;
+                     v = all_logits(self, tokens);
+                 }
+                 return to_array(std::move(v), tokens.size(), self.n_vocab());
+             }, "tokens"_a)
+        .def("truncate", &Model::truncate, "seq"_a, "n_keep"_a)
+        .def("adapter_scales", &Model::adapter_scales)
+        .def("set_adapter_scales", &Model::set_adapter_scales, "scales"_a, nb::call_guard<nb::gil_scoped_release>());
+}

@@ -1,0 +1,191 @@
+"""`Model`: one GGUF model and its llama.cpp context, owned by the C++ core."""
+from __future__ import annotations
+
+import math
+import os
+from functools import cached_property
+from pathlib import Path
+from typing import Iterable, Sequence
+
+import numpy as np
+
+from . import _core
+
+
+def _int_param(name: str, value, *, minimum: int, allow_none: bool = False) -> int | None:
+    if value is None and allow_none:
+        return None
+    if isinstance(value, bool) or not isinstance(value, (int, np.integer)):
+        raise TypeError(f"{name} must be an integer, got {type(value).__name__} {value!r}")
+    if value < minimum:
+        raise ValueError(f"{name} must be >= {minimum}, got {value}")
+    return int(value)
+
+
+class Model:
+    """A GGUF model loaded through llama.cpp.
+
+    Args:
+        path: the .gguf file.
+        n_ctx: context length in tokens (default: the model's training context).
+        n_gpu_layers: layers to offload to the GPU (-1: all; needs a GPU build of llama-cpp-python).
+        n_threads: CPU threads (default: all cores).
+        n_batch: most tokens one decode call takes (prompts are split into such chunks).
+        n_seq_max: parallel sequences in the KV cache (for best-of-N).
+        kv_type: "f16" (llama.cpp's default), "f32" (exact comparisons) or "q8_0".
+        adapters: LoRA adapters as (path, scale) pairs; scales can change later with
+            `set_adapter_scales` without reloading.
+        verbose: print llama.cpp's log (process-wide; off by default).
+    """
+
+    def __init__(self, path: str | os.PathLike, *, n_ctx: int | None = None, n_gpu_layers: int = 0,
+                 n_threads: int | None = None, n_batch: int = 512, n_seq_max: int = 1,
+                 kv_type: str = "f16", adapters: Iterable[tuple[str | os.PathLike, float]] = (),
+                 verbose: bool = False):
+        if not isinstance(path, (str, os.PathLike)):
+            raise TypeError(f"path must be a str or os.PathLike, got {type(path).__name__}")
+        n_ctx = _int_param("n_ctx", n_ctx, minimum=1, allow_none=True)
+        n_threads = _int_param("n_threads", n_threads, minimum=1, allow_none=True)
+        n_gpu_layers = _int_param("n_gpu_layers", n_gpu_layers, minimum=-1)
+        n_batch = _int_param("n_batch", n_batch, minimum=1)
+        n_seq_max = _int_param("n_seq_max", n_seq_max, minimum=1)
+        adapter_list = []
+        for item in adapters:
+            try:
+                apath, scale = item
+                scale = float(scale)
+            except (TypeError, ValueError):
+                raise TypeError(f"adapters must be (path, scale) pairs, got {item!r}") from None
+            if not math.isfinite(scale):
+                raise ValueError(f"adapter scale for {apath} must be finite, got {scale}")
+            adapter_list.append((str(apath), scale))
+        if verbose:
+            _core.set_verbose(True)
+        self.path = str(Path(path))
+        self._handle = _core.Model(self.path, n_ctx or 0, n_batch, n_seq_max, n_gpu_layers,
+                                   n_threads or 0, kv_type, adapter_list)
+
+    def __repr__(self) -> str:
+        return f"Model({self.path!r}, n_vocab={self.n_vocab}, n_ctx={self.n_ctx})"
+
+    # --- vocabulary -------------------------------------------------------------------------
+    @property
+    def n_vocab(self) -> int:
+        return self._handle.n_vocab
+
+    @property
+    def special_tokens(self) -> dict[str, int]:
+        """bos/eos/eot ids (-1 where the model has none)."""
+        h = self._handle
+        return {"bos": h.bos, "eos": h.eos, "eot": h.eot}
+
+    def is_eog(self, token: int) -> bool:
+        """True for end-of-generation tokens (eos, eot and the like)."""
+        return self._handle.is_eog(int(token))
+
+    def tokenize(self, text: str, *, add_special: bool = True, special: bool = False) -> list[int]:
+        """Text to token ids. `add_special` adds BOS if the model asks for it; `special` parses
+        control-token text such as "<|user|>" into the control tokens."""
+        if not isinstance(text, str):
+            raise TypeError(f"text must be a str, got {type(text).__name__}")
+        return self._handle.tokenize(text, add_special, special)
+
+    def detokenize(self, tokens: Sequence[int], *, special: bool = False) -> str:
+        """Token ids to text. Control tokens are left out unless `special` is true."""
+        return self.detokenize_bytes(tokens, special=special).decode("utf-8", errors="replace")
+
+    def detokenize_bytes(self, tokens: Sequence[int], *, special: bool = False) -> bytes:
+        text = self._handle.detokenize(self._tokens(tokens), not special, special)
+        return text.encode("utf-8", errors="surrogateescape") if isinstance(text, str) else text
+
+    def piece(self, token: int, *, special: bool = False) -> bytes:
+        """The bytes a token stands for (may be part of a UTF-8 character)."""
+        return self._handle.piece(int(token), special)
+
+    def _tokens(self, tokens: Sequence[int]) -> list[int]:
+        try:
+            return [int(t) for t in tokens]
+        except (TypeError, ValueError):
+            raise TypeError("tokens must be a sequence of integers") from None
+
+    # --- metadata ---------------------------------------------------------------------------
+    @property
+    def n_ctx(self) -> int:
+        return self._handle.n_ctx
+
+    @property
+    def n_ctx_train(self) -> int:
+        return self._handle.n_ctx_train
+
+    @property
+    def n_seq_max(self) -> int:
+        return self._handle.n_seq_max
+
+    @property
+    def architecture(self) -> str:
+        return self._handle.architecture
+
+    @property
+    def chat_template(self) -> str | None:
+        return self._handle.chat_template or None
+
+    @property
+    def n_params(self) -> int:
+        return self._handle.n_params
+
+    @property
+    def file_size(self) -> int:
+        return self._handle.file_size
+
+    @property
+    def description(self) -> str:
+        return self._handle.description
+
+    @cached_property
+    def metadata(self) -> dict[str, str]:
+        """GGUF key/values as llama.cpp reports them (arrays are summarised)."""
+        return dict(self._handle.metadata())
+
+    def render_chat(self, messages: Sequence[dict], *, add_generation_prompt: bool = True) -> str:
+        """This model's chat template applied to `messages` (jinja2 sandbox)."""
+        from .chat_template import render
+        if self.chat_template is None:
+            raise ValueError(f"{self.path} has no chat template (tokenizer.chat_template)")
+        return render(self.chat_template, messages, add_generation_prompt=add_generation_prompt,
+                      bos_token=self._token_text(self._handle.bos), eos_token=self._token_text(self._handle.eos))
+
+    def _token_text(self, token: int) -> str:
+        return self.piece(token, special=True).decode("utf-8", errors="replace") if token >= 0 else ""
+
+    # --- decoding ---------------------------------------------------------------------------
+    def logits(self, tokens: Sequence[int]) -> np.ndarray:
+        """Logits at every position of `tokens`, decoded from an empty cache, as a float32
+        array of shape (len(tokens), n_vocab). For tests and research, not the hot path."""
+        return self._handle.logits(self._tokens(tokens))
+
+    def decode(self, tokens: Sequence[int], positions: Sequence[int], *, seq: int | Sequence[int] = 0,
+               logits: bool | Sequence[bool] = False) -> None:
+        """Decode one batch: token i at positions[i] of sequence seq (or seq[i]); rows with
+        `logits` true can be read back with `logits_row(k)` in order."""
+        tokens = self._tokens(tokens)
+        n = len(tokens)
+        seqs = [int(seq)] * n if isinstance(seq, (int, np.integer)) else [int(s) for s in seq]
+        flags = [bool(logits)] * n if isinstance(logits, (bool, np.bool_)) else [bool(f) for f in logits]
+        self._handle.decode(tokens, [int(p) for p in positions], seqs, flags)
+
+    def logits_row(self, i: int) -> np.ndarray:
+        """Row i of the last decode's logits (shape (n_vocab,))."""
+        return self._handle.logits_row(int(i))[0]
+
+    def truncate(self, n_keep: int, *, seq: int = -1) -> None:
+        """Drop KV cache positions >= n_keep (of one sequence, or of all when seq < 0)."""
+        self._handle.truncate(int(seq), int(n_keep))
+
+    # --- adapters ---------------------------------------------------------------------------
+    def adapter_scales(self) -> list[float]:
+        return list(self._handle.adapter_scales())
+
+    def set_adapter_scales(self, scales: Sequence[float]) -> None:
+        """Change the LoRA scales at run time (no reload). Cached tokens were computed with the
+        old scales: the engine re-reads its prompt after a change."""
+        self._handle.set_adapter_scales([float(s) for s in scales])

@@ -1,0 +1,104 @@
+"""Bad input gets a clear Python exception, never an abort. Every case runs in a child process, so
+an abort inside llama.cpp would show up as a dead child instead of killing the test run."""
+import json
+import subprocess
+import sys
+import textwrap
+
+import pytest
+
+CHILD = textwrap.dedent(r'''
+    import json, sys
+    import blendin_cpp as bc
+    cases = json.loads(sys.argv[1])
+    out = {}
+    for name, (path, kwargs, action) in cases.items():
+        try:
+            m = bc.Model(path, **kwargs)
+            if action == "detokenize_oov":
+                m.detokenize([m.n_vocab + 5])
+            elif action == "logits_oov":
+                m.logits([1, -3])
+            elif action == "decode_past_ctx":
+                m.decode([1], [m.n_ctx])
+            elif action == "logits_too_long":
+                m.logits([1] * (m.n_ctx + 1))
+            out[name] = ["no error", ""]
+        except Exception as e:
+            out[name] = [type(e).__name__, str(e)]
+    print(json.dumps(out))
+''')
+
+
+@pytest.fixture(scope="module")
+def bad_files(tmp_path_factory, tiny_model):
+    import gguf
+    from blendin_cpp.testing import random_llama
+
+    d = tmp_path_factory.mktemp("bad")
+    (d / "empty.gguf").write_bytes(b"")
+    (d / "text.gguf").write_text("this is not a model\n" * 10)
+    data = open(tiny_model, "rb").read()
+    (d / "truncated_header.gguf").write_bytes(data[:200])
+    (d / "truncated_data.gguf").write_bytes(data[: len(data) // 2])
+    (d / "subdir.gguf").mkdir()
+    # a GGUF without llama.feed_forward_length: written by the normal writer with that key skipped
+    original = gguf.GGUFWriter.add_feed_forward_length
+    gguf.GGUFWriter.add_feed_forward_length = lambda self, n: None
+    try:
+        random_llama(d / "missing_key.gguf", seed=3)
+    finally:
+        gguf.GGUFWriter.add_feed_forward_length = original
+    return d
+
+
+@pytest.fixture(scope="module")
+def outcomes(bad_files, tiny_model):
+    d = str(bad_files)
+    cases = {
+        "missing": [d + "/nope.gguf", {}, None],
+        "directory": [d + "/subdir.gguf", {}, None],
+        "empty": [d + "/empty.gguf", {}, None],
+        "not_gguf": [d + "/text.gguf", {}, None],
+        "truncated_header": [d + "/truncated_header.gguf", {}, None],
+        "truncated_data": [d + "/truncated_data.gguf", {}, None],
+        "missing_key": [d + "/missing_key.gguf", {}, None],
+        "n_ctx_zero": [tiny_model, {"n_ctx": 0}, None],
+        "n_ctx_negative": [tiny_model, {"n_ctx": -5}, None],
+        "n_ctx_text": [tiny_model, {"n_ctx": "big"}, None],
+        "threads_negative": [tiny_model, {"n_threads": -1}, None],
+        "kv_type_bad": [tiny_model, {"kv_type": "f8"}, None],
+        "detokenize_oov": [tiny_model, {"n_ctx": 32}, "detokenize_oov"],
+        "logits_oov": [tiny_model, {"n_ctx": 32}, "logits_oov"],
+        "decode_past_ctx": [tiny_model, {"n_ctx": 32}, "decode_past_ctx"],
+        "logits_too_long": [tiny_model, {"n_ctx": 32}, "logits_too_long"],
+    }
+    r = subprocess.run([sys.executable, "-c", CHILD, json.dumps(cases)], capture_output=True, text=True, timeout=120)
+    assert r.returncode == 0, f"the child process died (rc={r.returncode}): {r.stderr[-2000:]}"
+    return json.loads(r.stdout.strip().splitlines()[-1])
+
+
+@pytest.mark.parametrize("case, exc, words", [
+    ("missing", "FileNotFoundError", ["not found", "nope.gguf"]),
+    ("directory", "ValueError", ["is a directory"]),
+    ("empty", "ValueError", ["is empty"]),
+    ("not_gguf", "ValueError", ["not a GGUF file"]),
+    ("truncated_header", "ValueError", ["truncated"]),
+    ("truncated_data", "ValueError", ["truncated", "ends past the end of the file"]),
+    ("missing_key", "ValueError", ["missing the required GGUF key", "llama.feed_forward_length"]),
+    ("n_ctx_zero", "ValueError", ["n_ctx must be >= 1"]),
+    ("n_ctx_negative", "ValueError", ["n_ctx must be >= 1", "-5"]),
+    ("n_ctx_text", "TypeError", ["n_ctx must be an integer"]),
+    ("threads_negative", "ValueError", ["n_threads"]),
+    ("kv_type_bad", "ValueError", ["kv_type", "f8"]),
+    ("detokenize_oov", "ValueError", ["outside the vocabulary", "1029"]),
+    ("logits_oov", "ValueError", ["token -3 is outside the vocabulary"]),
+    ("decode_past_ctx", "ValueError", ["position 32", "holds 32 tokens"]),
+    ("logits_too_long", "ValueError", ["33 tokens do not fit the context of 32"]),
+])
+def test_bad_input_is_a_clear_exception(outcomes, case, exc, words):
+    got_type, message = outcomes[case]
+    assert got_type == exc, f"{case}: {got_type}: {message}"
+    for w in words:
+        assert w in message, f"{case}: {message!r} does not mention {w!r}"
+
