@@ -9,12 +9,14 @@
 
 #include <cstring>
 
+#include "engine.h"
 #include "error.h"
 #include "gguf_check.h"
 #include "model.h"
 
 namespace nb = nanobind;
 using namespace nb::literals;
+using blendin::Engine;
 using blendin::Model;
 using blendin::Token;
 
@@ -136,4 +138,71 @@ NB_MODULE(_core, m) {
         .def("truncate", &Model::truncate, "seq"_a, "n_keep"_a)
         .def("adapter_scales", &Model::adapter_scales)
         .def("set_adapter_scales", &Model::set_adapter_scales, "scales"_a, nb::call_guard<nb::gil_scoped_release>());
+
+    nb::class_<blendin::GenParams>(m, "GenParams")
+        .def("__init__", [](blendin::GenParams* self, const std::string& method, float gamma, float alpha, float beta,
+                            float lambda_, float max_intervention_rate, int overlap_k, float temperature, int top_k,
+                            float top_p, float min_p, uint64_t seed, int max_tokens,
+                            const std::vector<std::string>& stop, bool lazy, float warn_intervention_rate) {
+                 blendin::GenParams p;
+                 p.policy = {blendin::method_from_name(method), gamma, alpha, beta, lambda_, max_intervention_rate, overlap_k};
+                 p.sampling = {temperature, top_k, top_p, min_p, seed};
+                 p.max_tokens = max_tokens;
+                 p.stop = stop;
+                 p.lazy = lazy;
+                 p.warn_intervention_rate = warn_intervention_rate;
+                 new (self) blendin::GenParams(std::move(p));
+             },
+             "method"_a, "gamma"_a, "alpha"_a, "beta"_a, "lambda_"_a, "max_intervention_rate"_a, "overlap_k"_a,
+             "temperature"_a, "top_k"_a, "top_p"_a, "min_p"_a, "seed"_a, "max_tokens"_a, "stop"_a, "lazy"_a,
+             "warn_intervention_rate"_a);
+
+    // One step as a tuple: (token, text bytes, source, pb_max, pg_max, alpha, agree, overlap,
+    // intervened, finish_reason) -- cheaper than an object per token.
+    nb::class_<Engine>(m, "Engine")
+        .def(nb::init<Model*, Model*, Model*>(), "base"_a, "guide"_a.none(), "anti"_a.none(),
+             nb::keep_alive<1, 2>(), nb::keep_alive<1, 3>(), nb::keep_alive<1, 4>(),
+             nb::call_guard<nb::gil_scoped_release>())
+        .def("start", &Engine::start, "base_prompt"_a, "guide_prompt"_a, "params"_a,
+             nb::call_guard<nb::gil_scoped_release>())
+        .def("step", [](Engine& self) -> nb::object {
+                 blendin::Step s;
+                 bool more;
+                 {
+                     nb::gil_scoped_release release;
+                     more = self.step(s);
+                 }
+                 if (!more) return nb::none();
+                 const auto& i = s.info;
+                 return nb::make_tuple(s.token, to_bytes(s.text), blendin::source_name(i.source), i.pb_max, i.pg_max,
+                                       i.alpha, i.agree, i.overlap, i.intervened, s.finish_reason);
+             })
+        .def("stats", [](const Engine& self) {
+                 blendin::Stats s = self.stats();
+                 nb::dict d;
+                 d["tokens"] = s.tokens;
+                 d["interventions"] = s.interventions;
+                 d["capped"] = s.capped;
+                 d["intervention_rate"] = s.intervention_rate;
+                 d["mean_alpha"] = s.mean_alpha;
+                 const char* roles[] = {"base", "guide", "anti"};
+                 nb::dict prompt, reused, calls, decoded;
+                 for (int r = 0; r < blendin::kRoles; ++r) {
+                     prompt[roles[r]] = s.prompt_tokens[r];
+                     reused[roles[r]] = s.reused_tokens[r];
+                     calls[roles[r]] = s.decode_calls[r];
+                     decoded[roles[r]] = s.decoded_tokens[r];
+                 }
+                 d["prompt_tokens"] = prompt;
+                 d["reused_tokens"] = reused;
+                 d["decode_calls"] = calls;
+                 d["decoded_tokens"] = decoded;
+                 d["prefill_s"] = s.prefill_s;
+                 d["generate_s"] = s.generate_s;
+                 d["tokens_per_s"] = s.tokens_per_s;
+                 d["finish_reason"] = s.finish_reason;
+                 d["warning"] = s.warning;
+                 return d;
+             })
+        .def("reset", &Engine::reset, nb::call_guard<nb::gil_scoped_release>());
 }

@@ -33,6 +33,7 @@ Usage:  python models/train_demo.py [--out DIR] [--seed N] [--tiny]
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import importlib.util
 import json
 import math
@@ -104,13 +105,13 @@ class Config:
     vocab_x: int = 800             # guide-xvocab's tokenizer
     base: ModelCfg = field(default_factory=lambda: ModelCfg(256, 4, 4, 704))
     small: ModelCfg = field(default_factory=lambda: ModelCfg(128, 2, 4, 352))
-    base_steps: int = 1500
-    base_batch: int = 48
+    base_steps: int = 3000
+    base_batch: int = 64
     base_lr: float = 2e-3
-    anti_steps: int = 500
+    anti_steps: int = 1500
     small_batch: int = 48
     small_lr: float = 3e-3
-    chat_steps: int = 300
+    chat_steps: int = 400
     chat_lr: float = 1e-3
     wrong_share: float = 0.6      # guide-unreliable: share of chat answers with a wrong value
     n_ctx: int = 512
@@ -530,17 +531,20 @@ def train(model: Llama, data_fn, steps: int, batch: int, lr: float, seed: int, l
     torch.manual_seed(seed)
     rng = random.Random(seed)
     opt = torch.optim.AdamW(model.parameters(), lr=lr, betas=(0.9, 0.95), weight_decay=0.01)
-    pool: list = []
+    pool: list = []  # batches of similar length (less padding)
     n_seqs = n_tokens = 0
     losses = []
     t0 = time.time()
     model.train()
     for step in range(steps):
-        if len(pool) < batch:
+        if not pool:
             fresh = data_fn(rng)
             rng.shuffle(fresh)
-            pool = fresh + pool
-        chunk, pool = pool[-batch:], pool[:-batch]
+            for i in range(0, len(fresh), batch * 32):
+                group = sorted(fresh[i:i + batch * 32], key=lambda s: len(s[0]))
+                pool += [group[j:j + batch] for j in range(0, len(group), batch)]
+            rng.shuffle(pool)
+        chunk = pool.pop()
         n_seqs += len(chunk)
         n_tokens += sum(len(s) for s, _ in chunk)
         x, y = make_batch(chunk, pad=0)
@@ -583,8 +587,12 @@ def main(argv=None) -> int:
     ap.add_argument("--tiny", action="store_true", help="a tiny end-to-end run (seconds), for tests")
     ap.add_argument("--threads", type=int, default=2)
     ap.add_argument("--only", default="", help="comma-separated roles to train (development aid)")
+    ap.add_argument("--steps-scale", type=float, default=1.0, help="scale all step counts (development aid)")
     args = ap.parse_args(argv)
     cfg = TINY if args.tiny else Config()
+    if args.steps_scale != 1.0:
+        cfg = dataclasses.replace(cfg, **{k: max(1, int(getattr(cfg, k) * args.steps_scale))
+                                          for k in ("base_steps", "anti_steps", "chat_steps")})
     torch.set_num_threads(args.threads)
     seed = args.seed
     out = Path(args.out)
