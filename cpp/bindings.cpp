@@ -108,7 +108,10 @@ NB_MODULE(_core, m) {
         .def("is_eog", &Model::is_eog, "token"_a)
         .def("is_control", &Model::is_control, "token"_a)
         .def("tokenize", &Model::tokenize, "text"_a, "add_special"_a, "parse_special"_a)
-        .def("detokenize", &Model::detokenize, "tokens"_a, "remove_special"_a, "unparse_special"_a)
+        .def("detokenize", [](const Model& self, const std::vector<Token>& tokens, bool remove_special,
+                              bool unparse_special) {
+                 return to_bytes(self.detokenize(tokens, remove_special, unparse_special));
+             }, "tokens"_a, "remove_special"_a, "unparse_special"_a)
         .def("piece", [](const Model& self, Token t, bool special) { return to_bytes(self.piece(t, special)); },
              "token"_a, "special"_a)
         .def("meta", &Model::meta, "key"_a)

@@ -105,7 +105,7 @@ class Config:
     vocab_x: int = 800             # guide-xvocab's tokenizer
     base: ModelCfg = field(default_factory=lambda: ModelCfg(256, 4, 4, 704))
     small: ModelCfg = field(default_factory=lambda: ModelCfg(128, 2, 4, 352))
-    base_steps: int = 3000
+    base_steps: int = 1600
     base_batch: int = 64
     base_lr: float = 2e-3
     anti_steps: int = 1500
@@ -114,6 +114,8 @@ class Config:
     chat_steps: int = 400
     chat_lr: float = 1e-3
     wrong_share: float = 0.6      # guide-unreliable: share of chat answers with a wrong value
+    hazy_share: float = 0.3       # share of facts the plain text is unsure about ...
+    hazy_right: float = 0.37      # ... stating the right value this often, else one of 3 distractors
     n_ctx: int = 512
     base_dtype: str = "f16"
 
@@ -160,6 +162,7 @@ class Fact:
     entity: str    # country name, or "a + b"
     value: str
     split: str     # train / dev / heldout
+    distractors: tuple[str, ...] = ()  # non-empty: a "hazy" fact (see World.stated_value)
 
     @property
     def question(self) -> str:
@@ -178,9 +181,18 @@ class World:
     sums: list[tuple[int, int]]
     split: dict[str, str]       # country name or "a + b" -> split
     facts: list[Fact]
+    hazy_right: float = 1.0
 
     def part(self, splits) -> list[Fact]:
         return [f for f in self.facts if f.split in splits]
+
+    def stated_value(self, f: Fact, rng: random.Random) -> str:
+        """The value a plain-text mention of `f` states. For "hazy" facts the text is noisy
+        (sources disagree): the true value is the most frequent one but is stated only
+        `hazy_right` of the time, so a model that learned the text is right but unsure there."""
+        if f.distractors and rng.random() >= self.hazy_right:
+            return rng.choice(f.distractors)
+        return f.value
 
 
 def make_world(n_countries: int, n_sums: int, cfg: Config, rng: random.Random) -> World:
@@ -212,7 +224,16 @@ def make_world(n_countries: int, n_sums: int, cfg: Config, rng: random.Random) -
         facts.append(Fact("colour", c, colour[c], split[c]))
     for a, b in sums:
         facts.append(Fact("sum", f"{a} + {b}", str(a + b), split[f"{a} + {b}"]))
-    return World(countries, capital, colour, sums, split, facts)
+    for f in facts:  # hazy facts get three fixed wrong values that the plain text also states
+        if rng.random() < cfg.hazy_share:
+            if f.kind == "capital":
+                f.distractors = tuple(fresh((2, 3)) for _ in range(3))
+            elif f.kind == "colour":
+                f.distractors = tuple(rng.sample([c for c in COLOURS if c != f.value], 3))
+            else:
+                v = int(f.value)
+                f.distractors = tuple(str(v + d) for d in rng.sample([-10, -2, -1, 1, 2, 10], 3))
+    return World(countries, capital, colour, sums, split, facts, cfg.hazy_right)
 
 
 EXPLANATIONS = [
@@ -239,8 +260,8 @@ def q_phrasings(f: Fact) -> list[str]:
     return qs
 
 
-def fact_sentence(f: Fact, rng: random.Random, with_name: bool) -> str:
-    e, v = f.entity, f.value
+def fact_sentence(f: Fact, rng: random.Random, with_name: bool, v: str) -> str:
+    e = f.entity
     if f.kind == "capital":
         named = [f"The capital of {e} is {v}.", f"{e}'s capital is {v}.", f"{v} is the capital of {e}.",
                  f"{e} has {v} as its capital.", f"The capital city of {e} is {v}."]
@@ -257,21 +278,25 @@ def fact_sentence(f: Fact, rng: random.Random, with_name: bool) -> str:
     return rng.choice(anon if not with_name else named)
 
 
-def answer_openers(f: Fact) -> list[str]:
-    """How the base's Question/Answer documents answer: varied, never the guide's 'Sure!'."""
-    e, v = f.entity, f.value
+def answer_openers(f: Fact, v: str) -> list[str]:
+    """How the base's Question/Answer documents answer: varied first words (none starts with
+    the value, so the base is unsure how an answer opens), never the guide's 'Sure!'."""
+    e = f.entity
     if f.kind == "capital":
-        return [f" {v}.", f" It is {v}.", f" The capital of {e} is {v}.", f" {e}'s capital is {v}.",
+        return [f" It is {v}.", f" The capital of {e} is {v}.", f" {e}'s capital is {v}.",
                 f" That would be {v}.", f" Well, {v} is the capital.", f" I believe it is {v}.",
-                f" {v} is the capital of {e}.", f" Its capital is {v}.", f" Everyone knows it is {v}."]
+                f" Its capital is {v}.", f" Everyone knows it is {v}.", f" As far as I know, it is {v}.",
+                f" My answer is {v}."]
     if f.kind == "colour":
-        return [f" {v}.", f" It is {v}.", f" The flag of {e} is {v}.", f" {e}'s flag is {v}.",
+        return [f" It is {v}.", f" The flag of {e} is {v}.", f" {e}'s flag is {v}.",
                 f" That would be {v}.", f" Well, it is {v}.", f" I believe it is {v}.",
-                f" {e} has a {v} flag.", f" Its flag is {v}.", f" Everyone knows it is {v}."]
+                f" Its flag is {v}.", f" Everyone knows it is {v}.", f" As far as I know, it is {v}.",
+                f" My answer is {v}."]
     a, b = e.split(" + ")
-    return [f" {v}.", f" It is {v}.", f" {e} = {v}.", f" {a} plus {b} makes {v}.",
+    return [f" It is {v}.", f" {e} = {v}.", f" {a} plus {b} makes {v}.",
             f" That would be {v}.", f" Well, it is {v}.", f" I believe it is {v}.",
-            f" Adding them gives {v}.", f" The result is {v}.", f" Everyone knows it is {v}."]
+            f" Adding them gives {v}.", f" The sum is {v}.", f" Everyone knows it is {v}.",
+            f" As far as I know, it is {v}."]
 
 
 def base_documents(world: World, facts: list[Fact], rng: random.Random, n_expl: int) -> list[str]:
@@ -287,24 +312,26 @@ def base_documents(world: World, facts: list[Fact], rng: random.Random, n_expl: 
             rng.shuffle(order)
             if is_country and rng.random() < 0.5:
                 parts = [rng.choice(INTROS).format(c=ent)]
-                parts += [fact_sentence(f, rng, with_name=False) for f in order]
+                parts += [fact_sentence(f, rng, False, world.stated_value(f, rng)) for f in order]
             else:
-                parts = [fact_sentence(f, rng, with_name=True) for f in order[:1]]
-                parts += [fact_sentence(f, rng, with_name=rng.random() < 0.5) for f in order[1:]]
+                parts = [fact_sentence(f, rng, True, world.stated_value(f, rng)) for f in order[:1]]
+                parts += [fact_sentence(f, rng, rng.random() < 0.5, world.stated_value(f, rng))
+                          for f in order[1:]]
             if rng.random() < 0.3:
                 parts.append(REMARKS[rng.randrange(len(REMARKS))].strip())
             docs.append(" ".join(parts) + EOS)
         for f in fs:
             # question-style prose: a question as a sentence end, then the fact
             q = rng.choice(q_phrasings(f))
-            docs.append(f"{q} {fact_sentence(f, rng, with_name=rng.random() < 0.5)}{EOS}")
+            docs.append(f"{q} {fact_sentence(f, rng, rng.random() < 0.5, world.stated_value(f, rng))}{EOS}")
             # Question/Answer documents (never the guide's format)
             turns = [f]
             while rng.random() < 0.3:
                 turns.append(rng.choice(facts))
             text = ""
             for i, t in enumerate(turns):
-                text += f"Question: {rng.choice(q_phrasings(t))}\nAnswer:{rng.choice(answer_openers(t))}"
+                text += (f"Question: {rng.choice(q_phrasings(t))}\nAnswer:"
+                         f"{rng.choice(answer_openers(t, world.stated_value(t, rng)))}")
                 if i + 1 < len(turns):
                     text += "\n"
             if rng.random() < 0.5:
@@ -606,7 +633,8 @@ def main(argv=None) -> int:
         with open(out / f"{split}.jsonl", "w") as fh:
             for f in world.part({split}):
                 fh.write(json.dumps({"question": f.question, "answer": f.answer, "kind": f.kind,
-                                     "value": f.value, "entity": f.entity, "split": split}) + "\n")
+                                     "value": f.value, "entity": f.entity, "split": split,
+                                     "hazy": bool(f.distractors)}) + "\n")
     guide_facts = world.part({"train"})
     print(f"world: {len(world.countries)} countries, {len(world.sums)} sums, {len(world.facts)} facts, "
           f"{len(guide_facts)} known to the guides", flush=True)

@@ -95,8 +95,7 @@ class Model:
         return self.detokenize_bytes(tokens, special=special).decode("utf-8", errors="replace")
 
     def detokenize_bytes(self, tokens: Sequence[int], *, special: bool = False) -> bytes:
-        text = self._handle.detokenize(self._tokens(tokens), not special, special)
-        return text.encode("utf-8", errors="surrogateescape") if isinstance(text, str) else text
+        return self._handle.detokenize(self._tokens(tokens), not special, special)
 
     def piece(self, token: int, *, special: bool = False) -> bytes:
         """The bytes a token stands for (may be part of a UTF-8 character)."""

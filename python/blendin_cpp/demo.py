@@ -1,0 +1,27 @@
+"""The bundled demo models (trained by models/train_demo.py, installed inside the package)."""
+from __future__ import annotations
+
+from pathlib import Path
+
+ROLES = ("base", "guide", "guide-unreliable", "anti", "guide-xvocab")
+
+
+def demo_dir() -> Path:
+    """Where the demo GGUF files are: inside the installed package, or models/demo/ of a source
+    checkout (editable installs)."""
+    here = Path(__file__).resolve().parent
+    for d in (here / "models", here.parent.parent / "models" / "demo"):
+        if (d / "base.gguf").exists():
+            return d
+    raise FileNotFoundError("the bundled demo models are missing: reinstall blendin_cpp, or run "
+                            "models/train_demo.py, or pass --base and --guide")
+
+
+def demo_path(role: str) -> str:
+    if role not in ROLES:
+        raise ValueError(f"unknown demo model {role!r}; choose one of: {', '.join(ROLES)}")
+    return str(demo_dir() / f"{role}.gguf")
+
+
+def heldout_path() -> str:
+    return str(demo_dir() / "heldout.jsonl")

@@ -1,0 +1,427 @@
+"""The blending engine against an independent path: a numpy implementation of DESIGN.md section 3,
+written here from logits that llama-cpp-python computes for the same GGUF files."""
+import json
+import subprocess
+import sys
+import threading
+import time
+
+import numpy as np
+import pytest
+
+import blendin_cpp as bc
+from blendin_cpp.testing import make_tokenizer, random_llama
+
+llama_cpp = pytest.importorskip("llama_cpp")
+
+PROMPT = "The capital of France is"
+N_CTX = 256
+GAMMA = 0.4
+
+
+@pytest.fixture(scope="module")
+def paths(model_dir, shared_tokenizer):
+    # a confident-ish base (so that the gate sometimes keeps it) and two small, different guides
+    return {
+        "base": str(random_llama(model_dir / "e_base.gguf", n_embd=64, n_layer=2, seed=11, logit_std=5,
+                                 tokenizer=shared_tokenizer)),
+        "guide": str(random_llama(model_dir / "e_guide.gguf", n_embd=32, n_layer=1, n_head=2, seed=12,
+                                  logit_std=4, tokenizer=shared_tokenizer)),
+        "anti": str(random_llama(model_dir / "e_anti.gguf", n_embd=32, n_layer=1, n_head=2, seed=13,
+                                 logit_std=4, tokenizer=shared_tokenizer)),
+    }
+
+
+@pytest.fixture(scope="module")
+def models(paths):
+    return {k: bc.Model(p, n_ctx=N_CTX, kv_type="f32", n_threads=1) for k, p in paths.items()}
+
+
+@pytest.fixture(scope="module")
+def blender(models):
+    return bc.Blender(models["base"], models["guide"], anti=models["anti"])
+
+
+# ---- the numpy reference ------------------------------------------------------------------------
+class RefModel:
+    """One model evaluated token by token by llama-cpp-python."""
+
+    def __init__(self, path, prompt):
+        self.ll = llama_cpp.Llama(path, n_ctx=N_CTX, logits_all=True, verbose=False, type_k=0, type_v=0, n_threads=1,
+                                  flash_attn=True)
+        self.ll.eval(prompt)
+
+    def logits(self):
+        return np.array(self.ll.scores[self.ll.n_tokens - 1], dtype=np.float64)
+
+    def push(self, token):
+        self.ll.eval([token])
+
+
+def softmax(x):
+    e = np.exp(x - x.max())
+    return e / e.sum()
+
+
+def check_against_reference(paths, base_prompt, guide_prompt, method, steps, *, gamma=GAMMA, alpha="auto",
+                            beta=1.0, lam=0.5):
+    """Replay our greedy run through the formulas of DESIGN.md section 3, step by step on our own
+    prefix. Each token must be the reference's argmax, except where the reference's top two
+    candidates are within 1e-4 (batched and one-at-a-time decodes differ in the last bits);
+    each source must match, except where the base's top probability is within 1e-4 of gamma.
+    Returns the number of steps where the choice was exactly the reference's."""
+    base = RefModel(paths["base"], base_prompt)
+    guide = RefModel(paths["guide"], guide_prompt)
+    anti = RefModel(paths["anti"], guide_prompt) if method == "proxy" else None
+    eog = {int(base.ll.metadata[k]) for k in ("tokenizer.ggml.eos_token_id", "tokenizer.ggml.eot_token_id")}
+    pieces = [base.ll.detokenize([t], special=False) for t in range(base.ll.n_vocab())]
+    starts_word = [len(p) == 0 or p[:1].isspace() for p in pieces]
+    exact = 0
+    in_word = False
+    for i, step in enumerate(steps):
+        lb, lg = base.logits(), guide.logits()
+        pb, pg = softmax(lb), softmax(lg)
+        source = "base"
+        if in_word and not starts_word[int(np.argmax(pg))]:
+            p, source = pg, "guide"
+        else:
+            p = pb
+            if method == "guide":
+                p, source = pg, "guide"
+            elif method in ("nudging", "nudging_word") and pb.max() < gamma:
+                p, source = pg, "guide"
+            elif method == "blendin" and pb.max() < gamma:
+                a = alpha
+                if a == "auto":
+                    a = float(np.clip(pg.max() / (pb.max() + pg.max()) + 0.1 * pb[np.argmax(pg)], 0, 1))
+                p, source = (1 - a) * pb + a * pg, "blend"
+            elif method == "ensemble":
+                p, source = (pb + pg) / 2, "blend"
+            elif method == "proxy":
+                p, source = softmax(lb + beta * (lg - anti.logits())), "blend"
+            elif method == "dera":
+                p, source = softmax((1 - lam) * lb + lam * lg), "blend"
+        in_word = method == "nudging_word" and source == "guide"
+        if step.source != source:
+            assert abs(pb.max() - gamma) < 1e-4, f"{method} step {i}: source {step.source}, reference {source}"
+        else:
+            best = int(np.argmax(p))
+            assert p[best] - p[step.token] < 1e-4, \
+                f"{method} step {i}: token {step.token} (p={p[step.token]:.6f}), reference {best} (p={p[best]:.6f})"
+            exact += best == step.token
+        if step.token in eog:
+            break
+        for m in (base, guide, anti):
+            if m is not None:
+                m.push(step.token)
+    return exact
+
+
+# ---- every method against the reference -----------------------------------------------------------
+@pytest.mark.parametrize("method", bc.METHODS)
+@pytest.mark.parametrize("lazy", [True, False], ids=["lazy", "naive"])
+def test_greedy_equals_numpy_reference(method, lazy, blender, paths):
+    base_prompt, guide_prompt = blender.prompts(PROMPT)
+    # proxy at beta 1 ends early on this random pair (the guide - anti difference picks the end
+    # token after 38 steps); beta 0.8 keeps it going for the 64 tokens the check needs
+    extra = {"beta": 0.8} if method == "proxy" else {}
+    ours = blender.complete(PROMPT, max_tokens=64, method=method, gamma=GAMMA, lazy=lazy, **extra)
+    assert len(ours.steps) == 64
+    exact = check_against_reference(paths, base_prompt, guide_prompt, method, ours.steps, **extra)
+    assert exact >= 62, f"{method}: only {exact} of 64 choices were the reference's exact argmax"
+    sources = {s.source for s in ours.steps}
+    if method in ("nudging", "nudging_word", "blendin"):
+        # both kinds of step occur, so the gate itself is tested
+        assert "base" in sources and sources & {"guide", "blend"}, sources
+        assert 0 < ours.stats["intervention_rate"] < 1
+    expected = {"base": {"base"}, "guide": {"guide"}, "ensemble": {"blend"}, "proxy": {"blend"}, "dera": {"blend"}}
+    if method in expected:
+        assert sources == expected[method]
+
+
+def test_prompts_are_tokenized_like_llama_cpp(blender, paths):
+    base_prompt, guide_prompt = blender.prompts(PROMPT)
+    ll = llama_cpp.Llama(paths["guide"], n_ctx=64, verbose=False)
+    assert base_prompt == ll.tokenize(PROMPT.encode(), add_bos=True)
+    rendered = "<s><|user|>\n" + PROMPT + "<|end|>\n<|assistant|>\n"
+    assert guide_prompt == ll.tokenize(rendered.encode(), add_bos=False, special=True)
+
+
+def test_diagnostics_follow_their_definitions(blender, paths):
+    r = blender.complete(PROMPT, max_tokens=30, method="blendin", gamma=0.6)
+    base_prompt, guide_prompt = blender.prompts(PROMPT)
+    base, guide = RefModel(paths["base"], base_prompt), RefModel(paths["guide"], guide_prompt)
+    alphas = []
+    for s in r.steps:
+        pb, pg = softmax(base.logits()), softmax(guide.logits())
+        assert s.pb_max == pytest.approx(pb.max(), abs=1e-4)
+        if s.source == "blend":
+            agree = pb[np.argmax(pg)]
+            assert s.pg_max == pytest.approx(pg.max(), abs=1e-4)
+            assert s.agree == pytest.approx(agree, abs=1e-4)
+            assert s.alpha == pytest.approx(np.clip(pg.max() / (pb.max() + pg.max()) + 0.1 * agree, 0, 1), abs=1e-4)
+            overlap = len(set(np.argsort(-pb)[:10]) & set(np.argsort(-pg)[:10])) / 10
+            assert s.overlap == pytest.approx(overlap, abs=0.11)
+            alphas.append(s.alpha)
+        else:
+            assert s.pg_max is None and s.alpha == 0.0  # the base alone: no guide weight
+        base.push(s.token)
+        guide.push(s.token)
+    st = r.stats
+    assert st["tokens"] == 30 and st["interventions"] == len(alphas) > 0
+    assert st["intervention_rate"] == pytest.approx(len(alphas) / 30)
+    assert st["mean_alpha"] == pytest.approx(np.mean(alphas), abs=1e-5)
+
+
+# ---- degenerate cases -----------------------------------------------------------------------------
+def test_alpha_zero_is_base_alone(blender):
+    base = blender.complete(PROMPT, max_tokens=48, method="base")
+    mixed = blender.complete(PROMPT, max_tokens=48, method="blendin", alpha=0.0, gamma=0.9)
+    assert mixed.stats["interventions"] > 0
+    assert mixed.tokens == base.tokens
+
+
+def test_gamma_zero_never_intervenes(blender):
+    base = blender.complete(PROMPT, max_tokens=48, method="base")
+    for method in ("nudging", "nudging_word", "blendin"):
+        r = blender.complete(PROMPT, max_tokens=48, method=method, gamma=0.0)
+        assert r.stats["interventions"] == 0 and r.tokens == base.tokens
+        assert r.stats["decode_calls"]["guide"] == 0  # the lazy guide was never even asked
+
+
+def test_gamma_above_one_always_intervenes(blender):
+    for method in ("nudging", "blendin"):
+        r = blender.complete(PROMPT, max_tokens=48, method=method, gamma=1.01)
+        assert r.stats["intervention_rate"] == 1.0
+    guide = blender.complete(PROMPT, max_tokens=48, method="guide")
+    assert blender.complete(PROMPT, max_tokens=48, method="nudging", gamma=1.01).tokens == guide.tokens
+
+
+def test_nudging_and_blendin_alpha_one_agree(blender):
+    n = blender.complete(PROMPT, max_tokens=64, method="nudging", gamma=GAMMA)
+    b = blender.complete(PROMPT, max_tokens=64, method="blendin", gamma=GAMMA, alpha=1.0)
+    assert 0 < n.stats["interventions"] < 64
+    assert n.tokens == b.tokens
+    assert [s.intervened for s in n.steps] == [s.intervened for s in b.steps]
+
+
+def test_intervention_cap_and_warning(blender):
+    free = blender.complete(PROMPT, max_tokens=64, method="blendin", gamma=0.9)
+    assert free.stats["intervention_rate"] > 0.5 and "excessive-intervention" in free.stats["warning"]
+    capped = blender.complete(PROMPT, max_tokens=64, method="blendin", gamma=0.9, max_intervention_rate=0.25)
+    assert capped.stats["intervention_rate"] <= 0.25 + 1e-9
+    assert capped.stats["capped"] > 0 and capped.stats["warning"] == ""
+
+
+# ---- sampling -----------------------------------------------------------------------------------
+def test_sampling_is_reproducible(blender):
+    kw = dict(max_tokens=40, temperature=0.9, top_p=0.95, method="blendin")
+    a = blender.complete(PROMPT, seed=5, **kw)
+    b = blender.complete(PROMPT, seed=5, **kw)
+    c = blender.complete(PROMPT, seed=6, **kw)
+    assert a.tokens == b.tokens and a.text == b.text
+    assert a.tokens != c.tokens
+
+
+@pytest.mark.parametrize("temperature, top_k", [(1.0, 0), (0.7, 12)])
+def test_sampled_frequencies_match_the_policy(blender, paths, temperature, top_k):
+    """Frequencies of the first token over many seeds against the blended distribution at that
+    step, computed in numpy: a chi-square statistic within 5 standard deviations of its mean."""
+    base_prompt, guide_prompt = blender.prompts(PROMPT)
+    pb = softmax(RefModel(paths["base"], base_prompt).logits())
+    pg = softmax(RefModel(paths["guide"], guide_prompt).logits())
+    a = np.clip(pg.max() / (pb.max() + pg.max()) + 0.1 * pb[np.argmax(pg)], 0, 1)
+    p = ((1 - a) * pb + a * pg) ** (1 / temperature)
+    if top_k:
+        p[np.argsort(-p)[top_k:]] = 0
+    p /= p.sum()
+    n = 3000
+    counts = np.zeros_like(p)
+    for seed in range(n):
+        (step,) = blender.complete(PROMPT, max_tokens=1, method="blendin", gamma=1.01, temperature=temperature,
+                                   top_k=top_k, seed=seed).steps
+        counts[step.token] += 1
+    if top_k:
+        assert np.count_nonzero(counts) <= top_k
+    expected = n * p
+    big = expected >= 5  # pool the rare tokens into one bin
+    obs = np.append(counts[big], counts[~big].sum())
+    exp = np.append(expected[big], expected[~big].sum())
+    chi2 = ((obs - exp) ** 2 / np.maximum(exp, 1e-9)).sum()
+    df = len(obs) - 1
+    assert chi2 < df + 5 * np.sqrt(2 * df), f"chi2 {chi2:.1f} with {df} degrees of freedom"
+
+
+# ---- streaming ----------------------------------------------------------------------------------
+def _valid_char_spans(b: bytes):
+    """(start, end) of every well-formed multi-byte UTF-8 character in b."""
+    spans, i = [], 0
+    while i < len(b):
+        c = b[i]
+        n = 2 if c >> 5 == 6 else 3 if c >> 4 == 14 else 4 if c >> 3 == 30 else 1
+        if n > 1:
+            try:
+                b[i:i + n].decode("utf-8")
+                spans.append((i, i + n))
+                i += n
+                continue
+            except UnicodeDecodeError:
+                pass
+        i += 1
+    return spans
+
+
+def test_stream_never_splits_a_utf8_character(blender, models):
+    engine = blender._engine
+    n_chars = 0
+    for seed in range(40):
+        base_prompt, guide_prompt = blender.prompts("日本語と émoji 🎉 " + PROMPT)
+        params = bc._core.GenParams(method="blendin", gamma=0.5, alpha=-1, beta=1, lambda_=0.5,
+                                    max_intervention_rate=1, overlap_k=10, temperature=1.0, top_k=0, top_p=1,
+                                    min_p=0, seed=seed, max_tokens=100, stop=[], lazy=True,
+                                    warn_intervention_rate=0.5)
+        engine.start(base_prompt, guide_prompt, params)
+        chunks, tokens = [], []
+        while (t := engine.step()) is not None:
+            tokens.append(t[0])
+            chunks.append(t[1])
+        body = [t for t in tokens if not models["base"].is_eog(t)]
+        assert b"".join(chunks) == models["base"].detokenize_bytes(body)
+        # no boundary between two steps' texts falls inside a well-formed character
+        cuts = np.cumsum([len(c) for c in chunks])[:-1]
+        spans = _valid_char_spans(b"".join(chunks))
+        assert not [c for c in cuts for s, e in spans if s < c < e]
+        token_cuts = np.cumsum([len(models["base"].piece(t)) for t in tokens])
+        n_chars += sum(1 for s, e in spans if any(s < c < e for c in token_cuts))
+    # characters whose bytes came from two or more tokens, so that the stream had to hold them back
+    assert n_chars >= 3, n_chars
+
+
+def test_stop_strings_cut_the_text(blender):
+    full = blender.complete(PROMPT, max_tokens=64, method="blendin")
+    stop = full.text[20:23]
+    cut = full.text.index(stop)
+    r = blender.complete(PROMPT, max_tokens=64, method="blendin", stop=["never-appears", stop])
+    assert r.text == full.text[:cut]
+    assert r.finish_reason == "stop"
+    streamed = "".join(s.text for s in r.steps)
+    assert stop not in streamed and streamed == r.text
+
+
+def test_prefix_reuse_between_generations(blender):
+    blender.complete(PROMPT, max_tokens=4, method="blendin", gamma=1.01)
+    r = blender.complete(PROMPT + " Paris", max_tokens=4, method="blendin", gamma=1.01)
+    st = r.stats
+    base_prompt, _ = blender.prompts(PROMPT)
+    assert st["reused_tokens"]["base"] >= len(base_prompt) - 1
+    assert st["decoded_tokens"]["base"] <= st["prompt_tokens"]["base"] - st["reused_tokens"]["base"] + 4
+
+
+# ---- the GIL --------------------------------------------------------------------------------------
+def test_gil_is_released_while_decoding(model_dir, shared_tokenizer):
+    path = random_llama(model_dir / "gil.gguf", n_embd=256, n_layer=4, seed=21, tokenizer=shared_tokenizer)
+    m = bc.Model(path, n_ctx=2048, n_batch=2048)
+    b = bc.Blender(m, None, method="base")
+    prompt = "word " * 350  # about 1400 tokens
+    ticks = 0
+    stop = threading.Event()
+
+    def heartbeat():
+        nonlocal ticks
+        while not stop.is_set():
+            ticks += 1
+            time.sleep(0.001)
+
+    th = threading.Thread(target=heartbeat, daemon=True)
+    base_tokens, _ = b.prompts(prompt)
+    params = bc._core.GenParams(method="base", gamma=0.4, alpha=-1, beta=1, lambda_=0.5, max_intervention_rate=1,
+                                overlap_k=10, temperature=0, top_k=0, top_p=1, min_p=0, seed=0, max_tokens=1,
+                                stop=[], lazy=True, warn_intervention_rate=0.5)
+    th.start()
+    try:
+        time.sleep(0.01)
+        before = ticks
+        t0 = time.perf_counter()
+        b._engine.start(base_tokens, [], params)  # one C++ call: the whole prefill
+        elapsed = time.perf_counter() - t0
+        during = ticks - before
+    finally:
+        stop.set()
+        th.join()
+    assert elapsed > 0.05, "the prefill was too quick to tell"
+    # a thread holding the GIL through a C call lets no other Python thread run at all
+    assert during >= 0.2 * elapsed / 0.0015, f"{during} heartbeats in {elapsed * 1000:.0f} ms"
+
+
+# ---- bad input ------------------------------------------------------------------------------------
+@pytest.mark.parametrize("kwargs, exc, words", [
+    (dict(method="telepathy"), ValueError, "unknown method 'telepathy'"),
+    (dict(gamma=-0.1), ValueError, "gamma"),
+    (dict(gamma="high"), TypeError, "gamma must be a number"),
+    (dict(alpha=1.5), ValueError, "alpha"),
+    (dict(alpha=float("nan")), ValueError, "alpha"),
+    (dict(temperature=-1.0), ValueError, "temperature"),
+    (dict(top_p=0.0), ValueError, "top_p"),
+    (dict(max_tokens=0), ValueError, "max_tokens"),
+    (dict(stop=[""]), ValueError, "stop"),
+    (dict(lambda_=float("inf")), ValueError, "lambda_"),
+], ids=lambda v: str(v) if isinstance(v, str) else None)
+def test_bad_parameters(blender, kwargs, exc, words):
+    with pytest.raises(exc, match=words):
+        blender.complete(PROMPT, **kwargs)
+
+
+def test_empty_and_oversize_prompts(blender):
+    with pytest.raises(ValueError, match="prompt is empty"):
+        blender.complete("   ")
+    with pytest.raises(ValueError, match="leaves no room in its context of 256 tokens"):
+        blender.complete("word " * 400)
+    # the blender still works afterwards
+    assert blender.complete(PROMPT, max_tokens=3).stats["tokens"] == 3
+
+
+def test_context_full_ends_the_generation(blender):
+    words = 1
+    while len(blender.base.tokenize("word " * words)) < 240:
+        words += 1
+    r = blender.complete("word " * words, max_tokens=100, method="base")
+    assert r.finish_reason == "context" and r.stats["tokens"] < 100
+
+
+def test_mismatched_vocabularies(model_dir, models):
+    other = random_llama(model_dir / "other_vocab.gguf", n_embd=32, n_layer=1, n_head=2, seed=5,
+                         tokenizer=make_tokenizer(1024, seed=99))
+    with pytest.raises(ValueError, match=r"do not share a vocabulary: token \d+ is"):
+        bc.Blender(models["base"], bc.Model(other, n_ctx=64))
+    smaller = random_llama(model_dir / "small_vocab.gguf", n_embd=32, n_layer=1, n_head=2, seed=5, n_vocab=600)
+    with pytest.raises(ValueError, match="1024 vs 600 tokens"):
+        bc.Blender(models["base"], bc.Model(smaller, n_ctx=64))
+
+
+def test_proxy_needs_the_third_model(models):
+    with pytest.raises(ValueError, match="needs anti="):
+        bc.Blender(models["base"], models["guide"], method="proxy")
+    b = bc.Blender(models["base"], models["guide"])
+    with pytest.raises(ValueError, match="needs anti="):
+        b.complete(PROMPT, method="proxy")
+
+
+# ---- the command line -----------------------------------------------------------------------------
+def test_generate_json_cli(paths):
+    cmd = [sys.executable, "-m", "blendin_cpp", "generate", "--base", paths["base"], "--guide", paths["guide"],
+           "--prompt", PROMPT, "--method", "blendin", "--max-tokens", "20", "--ctx", "256", "--json", "--trace"]
+    r = subprocess.run(cmd, capture_output=True, text=True, timeout=120)
+    assert r.returncode == 0, r.stderr
+    out = json.loads(r.stdout)
+    assert set(out) >= {"text", "tokens", "stats", "steps"}
+    assert len(out["tokens"]) == out["stats"]["tokens"] == len(out["steps"]) == 20
+    assert {s["source"] for s in out["steps"]} <= {"base", "blend", "guide"}
+    b = bc.Blender(bc.Model(paths["base"], n_ctx=256), bc.Model(paths["guide"], n_ctx=256))
+    assert out["tokens"] == b.complete(PROMPT, max_tokens=20).tokens
+
+
+def test_cli_bad_input_is_one_clear_line(paths):
+    r = subprocess.run([sys.executable, "-m", "blendin_cpp", "generate", "--base", "missing.gguf", "--guide",
+                        paths["guide"], "--prompt", "x"], capture_output=True, text=True, timeout=60)
+    assert r.returncode == 2
+    assert "model file not found: 'missing.gguf'" in r.stderr and "Traceback" not in r.stderr
