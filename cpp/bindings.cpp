@@ -146,7 +146,8 @@ NB_MODULE(_core, m) {
         .def("__init__", [](blendin::GenParams* self, const std::string& method, float gamma, float alpha, float beta,
                             float lambda_, float max_intervention_rate, int overlap_k, float temperature, int top_k,
                             float top_p, float min_p, uint64_t seed, int max_tokens,
-                            const std::vector<std::string>& stop, bool lazy, float warn_intervention_rate) {
+                            const std::vector<std::string>& stop, bool lazy, float warn_intervention_rate,
+                            int top_logprobs) {
                  blendin::GenParams p;
                  p.policy = {blendin::method_from_name(method), gamma, alpha, beta, lambda_, max_intervention_rate, overlap_k};
                  p.sampling = {temperature, top_k, top_p, min_p, seed};
@@ -154,14 +155,15 @@ NB_MODULE(_core, m) {
                  p.stop = stop;
                  p.lazy = lazy;
                  p.warn_intervention_rate = warn_intervention_rate;
+                 p.top_logprobs = top_logprobs;
                  new (self) blendin::GenParams(std::move(p));
              },
              "method"_a, "gamma"_a, "alpha"_a, "beta"_a, "lambda_"_a, "max_intervention_rate"_a, "overlap_k"_a,
              "temperature"_a, "top_k"_a, "top_p"_a, "min_p"_a, "seed"_a, "max_tokens"_a, "stop"_a, "lazy"_a,
-             "warn_intervention_rate"_a);
+             "warn_intervention_rate"_a, "top_logprobs"_a = 0);
 
     // One step as a tuple: (token, text bytes, source, pb_max, pg_max, alpha, agree, overlap,
-    // intervened, finish_reason) -- cheaper than an object per token.
+    // intervened, finish_reason, logprob, top_logprobs) -- cheaper than an object per token.
     nb::class_<Engine>(m, "Engine")
         .def(nb::init<Model*, Model*, Model*>(), "base"_a, "guide"_a.none(), "anti"_a.none(),
              nb::keep_alive<1, 2>(), nb::keep_alive<1, 3>(), nb::keep_alive<1, 4>(),
@@ -178,7 +180,8 @@ NB_MODULE(_core, m) {
                  if (!more) return nb::none();
                  const auto& i = s.info;
                  return nb::make_tuple(s.token, to_bytes(s.text), blendin::source_name(i.source), i.pb_max, i.pg_max,
-                                       i.alpha, i.agree, i.overlap, i.intervened, s.finish_reason);
+                                       i.alpha, i.agree, i.overlap, i.intervened, s.finish_reason, s.logprob,
+                                       s.top_logprobs);
              })
         .def("stats", [](const Engine& self) {
                  blendin::Stats s = self.stats();

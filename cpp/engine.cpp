@@ -109,6 +109,7 @@ void Engine::start(const std::vector<Token>& base_prompt, const std::vector<Toke
     Policy policy(p.policy, n_vocab_);  // validates the parameters before anything changes
     Sampler sampler(p.sampling);
     if (p.max_tokens <= 0) throw ValueError("max_tokens must be >= 1");
+    if (p.top_logprobs < 0 || p.top_logprobs > 100) throw ValueError("top_logprobs must be in 0..100");
     for (auto& s : p.stop)
         if (s.empty()) throw ValueError("stop strings must not be empty");
     bool use[kRoles] = {policy.uses_base(), policy.uses_guide(), policy.uses_anti()};
@@ -164,12 +165,16 @@ bool Engine::step(Step& out) {
     const bool naive = !params_.lazy;
 
     Token token = -1;
+    const std::vector<float>* final_p = nullptr;
     // word-level nudging: inside a nudged word the guide keeps writing until it starts a new word
     if (in_word_) {
         policy_.gate(nullptr, tokens_, interventions_, info);
         const auto& p = policy_.combine(guide.logits(), nullptr, info);
         Token t = sampler_.pick(p.data(), n_vocab_);
-        if (!starts_word_[t]) token = t;
+        if (!starts_word_[t]) {
+            token = t;
+            final_p = &p;
+        }
         in_word_ = token >= 0;
         if (naive && token >= 0) base.logits();
     }
@@ -182,8 +187,13 @@ bool Engine::step(Step& out) {
         if (policy_.uses_anti() && (consult || naive)) la = anti.logits();
         const auto& p = policy_.combine(consult ? lg : nullptr, la, info);
         token = sampler_.pick(p.data(), n_vocab_);
+        final_p = &p;
         in_word_ = method == Method::NudgingWord && info.intervened;
     }
+    out.logprob = std::log((*final_p)[token]);
+    if (params_.top_logprobs > 0)
+        for (int i : top_k(final_p->data(), n_vocab_, params_.top_logprobs))
+            out.top_logprobs.emplace_back(i, std::log((*final_p)[i]));
 
     out.token = token;
     ++tokens_;

@@ -19,12 +19,15 @@ struct GenParams {
     std::vector<std::string> stop;     // stop strings (not included in the text)
     bool lazy = true;                  // false: the naive loop, every model decodes every token
     float warn_intervention_rate = 0.5f;
+    int top_logprobs = 0;              // alternatives reported per step (0 = none)
 };
 
 struct Step {
     Token token = -1;
     std::string text;           // the bytes this step releases (whole UTF-8 characters)
     StepInfo info;
+    float logprob = 0;          // log p(token) under the final (temperature 1) distribution
+    std::vector<std::pair<Token, float>> top_logprobs;  // the most likely alternatives, best first
     std::string finish_reason;  // "" while generation goes on; "stop", "length" or "context"
 };
 

@@ -148,7 +148,7 @@ def test_prompts_are_tokenized_like_llama_cpp(blender, paths):
 
 
 def test_diagnostics_follow_their_definitions(blender, paths):
-    r = blender.complete(PROMPT, max_tokens=30, method="blendin", gamma=0.6)
+    r = blender.complete(PROMPT, max_tokens=30, method="blendin", gamma=0.6, top_logprobs=3)
     base_prompt, guide_prompt = blender.prompts(PROMPT)
     base, guide = RefModel(paths["base"], base_prompt), RefModel(paths["guide"], guide_prompt)
     alphas = []
@@ -163,8 +163,14 @@ def test_diagnostics_follow_their_definitions(blender, paths):
             overlap = len(set(np.argsort(-pb)[:10]) & set(np.argsort(-pg)[:10])) / 10
             assert s.overlap == pytest.approx(overlap, abs=0.11)
             alphas.append(s.alpha)
+            p = (1 - s.alpha) * pb + s.alpha * pg
         else:
             assert s.pg_max is None and s.alpha == 0.0  # the base alone: no guide weight
+            p = pb
+        # logprobs of the final distribution: the chosen token and the three likeliest
+        assert s.logprob == pytest.approx(np.log(p[s.token]), abs=1e-3)
+        assert [t for t, _ in s.top_logprobs] == list(np.argsort(-p)[:3])
+        assert [lp for _, lp in s.top_logprobs] == pytest.approx(np.log(np.sort(p)[::-1][:3]), abs=1e-3)
         base.push(s.token)
         guide.push(s.token)
     st = r.stats

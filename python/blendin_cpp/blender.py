@@ -26,6 +26,8 @@ class Step:
     overlap: float | None
     intervened: bool
     finish_reason: str | None
+    logprob: float = 0.0  # log p(token) under the final distribution (temperature 1)
+    top_logprobs: tuple[tuple[int, float], ...] = ()  # with top_logprobs=N: the N likeliest tokens
 
     def as_dict(self) -> dict:
         return dict(self.__dict__)
@@ -156,12 +158,14 @@ class Blender:
     # --- generation ---------------------------------------------------------------------------
     def generate(self, prompt: str | Sequence[dict], guide_prompt: str | None = None, *, max_tokens: int = 256,
                  temperature: float = 0.0, top_k: int = 0, top_p: float = 1.0, min_p: float = 0.0,
-                 seed: int = 0, stop: Sequence[str] | str = (), **settings) -> Iterator[Step]:
+                 seed: int = 0, stop: Sequence[str] | str = (), top_logprobs: int = 0,
+                 **settings) -> Iterator[Step]:
         """Stream a generation, one Step per token (each `next()` is one C++ step with the GIL
         released). Step texts never split a UTF-8 character; concatenated they are the output.
         `settings` override the blender's defaults for this call (method=, gamma=, ...).
         Statistics of the finished generation are in `self.last_stats`."""
-        run = self._start(prompt, guide_prompt, max_tokens, temperature, top_k, top_p, min_p, seed, stop, settings)
+        run = self._start(prompt, guide_prompt, max_tokens, temperature, top_k, top_p, min_p, seed, stop,
+                          top_logprobs, settings)
         return self._steps(run)
 
     def complete(self, prompt: str | Sequence[dict], guide_prompt: str | None = None, **kwargs) -> Completion:
@@ -175,7 +179,8 @@ class Blender:
         self._current = None
         self._engine.reset()
 
-    def _start(self, prompt, guide_prompt, max_tokens, temperature, top_k, top_p, min_p, seed, stop, settings):
+    def _start(self, prompt, guide_prompt, max_tokens, temperature, top_k, top_p, min_p, seed, stop, top_logprobs,
+               settings):
         policy = self._policy_args({**self.defaults, **settings})
         if isinstance(stop, str):
             stop = [stop]
@@ -188,7 +193,8 @@ class Blender:
             temperature=_float("temperature", temperature, lo=0), top_k=_int("top_k", top_k, lo=0),
             top_p=_float("top_p", top_p, lo=0, hi=1), min_p=_float("min_p", min_p, lo=0, hi=1),
             seed=_int("seed", seed, lo=0), max_tokens=_int("max_tokens", max_tokens, lo=1), stop=stop,
-            lazy=policy["lazy"], warn_intervention_rate=policy["warn_intervention_rate"])
+            lazy=policy["lazy"], warn_intervention_rate=policy["warn_intervention_rate"],
+            top_logprobs=_int("top_logprobs", top_logprobs, lo=0))
         base_tokens, guide_tokens = self.prompts(prompt, guide_prompt)
         self._engine.start(base_tokens, guide_tokens, params)
         run = object()
@@ -203,10 +209,11 @@ class Blender:
             t = engine.step()
             if t is None:
                 return
-            token, text, source, pb, pg, alpha, agree, overlap, intervened, finish = t
+            token, text, source, pb, pg, alpha, agree, overlap, intervened, finish, logprob, top = t
             step = Step(token=token, text=text.decode("utf-8", errors="replace"), source=source,
                         pb_max=_num(pb), pg_max=_num(pg), alpha=_num(alpha), agree=_num(agree),
-                        overlap=_num(overlap), intervened=intervened, finish_reason=finish or None)
+                        overlap=_num(overlap), intervened=intervened, finish_reason=finish or None,
+                        logprob=logprob, top_logprobs=tuple(top))
             if finish:
                 self.last_stats = engine.stats()
                 self._current = None
