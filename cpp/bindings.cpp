@@ -147,7 +147,7 @@ NB_MODULE(_core, m) {
                             float lambda_, float max_intervention_rate, int overlap_k, float temperature, int top_k,
                             float top_p, float min_p, uint64_t seed, int max_tokens,
                             const std::vector<std::string>& stop, bool lazy, float warn_intervention_rate,
-                            int top_logprobs) {
+                            int top_logprobs, bool speculative, int draft_max) {
                  blendin::GenParams p;
                  p.policy = {blendin::method_from_name(method), gamma, alpha, beta, lambda_, max_intervention_rate, overlap_k};
                  p.sampling = {temperature, top_k, top_p, min_p, seed};
@@ -156,11 +156,13 @@ NB_MODULE(_core, m) {
                  p.lazy = lazy;
                  p.warn_intervention_rate = warn_intervention_rate;
                  p.top_logprobs = top_logprobs;
+                 p.speculative = speculative;
+                 p.draft_max = draft_max;
                  new (self) blendin::GenParams(std::move(p));
              },
              "method"_a, "gamma"_a, "alpha"_a, "beta"_a, "lambda_"_a, "max_intervention_rate"_a, "overlap_k"_a,
              "temperature"_a, "top_k"_a, "top_p"_a, "min_p"_a, "seed"_a, "max_tokens"_a, "stop"_a, "lazy"_a,
-             "warn_intervention_rate"_a, "top_logprobs"_a = 0);
+             "warn_intervention_rate"_a, "top_logprobs"_a = 0, "speculative"_a = false, "draft_max"_a = 8);
 
     // One step as a tuple: (token, text bytes, source, pb_max, pg_max, alpha, agree, overlap,
     // intervened, finish_reason, logprob, top_logprobs) -- cheaper than an object per token.
@@ -189,6 +191,9 @@ NB_MODULE(_core, m) {
                  d["tokens"] = s.tokens;
                  d["interventions"] = s.interventions;
                  d["capped"] = s.capped;
+                 d["drafted"] = s.drafted;
+                 d["accepted"] = s.accepted;
+                 d["acceptance_rate"] = s.drafted ? static_cast<double>(s.accepted) / s.drafted : 0.0;
                  d["intervention_rate"] = s.intervention_rate;
                  d["mean_alpha"] = s.mean_alpha;
                  const char* roles[] = {"base", "guide", "anti"};

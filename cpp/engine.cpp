@@ -60,6 +60,38 @@ const float* Engine::Track::logits() {
     return model->logits(0);
 }
 
+std::vector<const float*> Engine::Track::verify(const std::vector<Token>& drafts, std::vector<float>& row0) {
+    std::vector<BatchItem> batch;
+    std::vector<const float*> rows;
+    int pos = static_cast<int>(cached.size());
+    if (pending.empty()) {
+        const float* cur = model->logits(0);  // the last decode's row: copy it, the next decode replaces it
+        row0.assign(cur, cur + model->n_vocab());
+    } else {
+        model->decode_run(pending.data(), static_cast<int>(pending.size()) - 1, pos, 0, false);
+        pos += static_cast<int>(pending.size()) - 1;
+        batch.push_back({pending.back(), pos++, 0, true});
+    }
+    for (Token d : drafts) batch.push_back({d, pos++, 0, true});
+    model->decode(batch);
+    if (pending.empty()) rows.push_back(row0.data());
+    for (int i = 0; i < model->n_logits(); ++i) rows.push_back(model->logits(i));
+    cached.insert(cached.end(), pending.begin(), pending.end());
+    cached.insert(cached.end(), drafts.begin(), drafts.end());
+    pending.clear();
+    return rows;
+}
+
+void Engine::Track::keep(size_t n) {
+    if (n < cached.size()) {
+        model->truncate(0, static_cast<int>(n));
+        cached.resize(n);
+        pending.clear();
+    } else if (n < length()) {
+        pending.resize(n - cached.size());
+    }
+}
+
 // ---- Engine ----
 Engine::Engine(Model* base, Model* guide, Model* anti) {
     BLENDIN_CHECK(base != nullptr);
@@ -110,6 +142,7 @@ void Engine::start(const std::vector<Token>& base_prompt, const std::vector<Toke
     Sampler sampler(p.sampling);
     if (p.max_tokens <= 0) throw ValueError("max_tokens must be >= 1");
     if (p.top_logprobs < 0 || p.top_logprobs > 100) throw ValueError("top_logprobs must be in 0..100");
+    if (p.draft_max < 1 || p.draft_max > 64) throw ValueError("draft_max must be in 1..64");
     for (auto& s : p.stop)
         if (s.empty()) throw ValueError("stop strings must not be empty");
     bool use[kRoles] = {policy.uses_base(), policy.uses_guide(), policy.uses_anti()};
@@ -137,6 +170,10 @@ void Engine::start(const std::vector<Token>& base_prompt, const std::vector<Toke
     released_ = 0;
     finish_reason_.clear();
     in_word_ = false;
+    queue_.clear();
+    queue_pos_ = 0;
+    draft_len_ = std::min(4, std::max(1, p.draft_max));
+    drafted_ = accepted_ = 0;
 
     t_start_ = std::chrono::steady_clock::now();
     for (int r = 0; r < kRoles; ++r) {
@@ -154,48 +191,172 @@ void Engine::start(const std::vector<Token>& base_prompt, const std::vector<Toke
     active_ = true;
 }
 
+bool Engine::used(int role) const {
+    return role == kBase ? policy_.uses_base() : role == kGuide ? policy_.uses_guide() : policy_.uses_anti();
+}
+
 bool Engine::step(Step& out) {
     if (!active_) return false;
-    out = Step{};
-    StepInfo& info = out.info;
-    const Method method = params_.policy.method;
+    if (queue_pos_ == queue_.size()) {
+        queue_.clear();
+        queue_pos_ = 0;
+        if (can_speculate())
+            speculate();
+        else
+            queue_.push_back(decide_one());
+    }
+    return emit(queue_[queue_pos_++], out);
+}
+
+Engine::Decision Engine::decision(Token token, const StepInfo& info, const std::vector<float>& p) const {
+    Decision d;
+    d.step.token = token;
+    d.step.info = info;
+    d.step.logprob = std::log(p[token]);
+    if (params_.top_logprobs > 0)
+        for (int i : top_k(p.data(), n_vocab_, params_.top_logprobs)) d.step.top_logprobs.emplace_back(i, std::log(p[i]));
+    return d;
+}
+
+// One token the plain way: gate on the base, consult the (lazy) guide if needed, combine, pick.
+Engine::Decision Engine::decide_one() {
     Track& base = tracks_[kBase];
     Track& guide = tracks_[kGuide];
     Track& anti = tracks_[kAnti];
     const bool naive = !params_.lazy;
-
-    Token token = -1;
-    const std::vector<float>* final_p = nullptr;
+    StepInfo info;
     // word-level nudging: inside a nudged word the guide keeps writing until it starts a new word
     if (in_word_) {
         policy_.gate(nullptr, tokens_, interventions_, info);
         const auto& p = policy_.combine(guide.logits(), nullptr, info);
         Token t = sampler_.pick(p.data(), n_vocab_);
         if (!starts_word_[t]) {
-            token = t;
-            final_p = &p;
+            if (naive) base.logits();
+            return decision(t, info, p);
         }
-        in_word_ = token >= 0;
-        if (naive && token >= 0) base.logits();
+        in_word_ = false;
     }
-    if (token < 0) {
-        const float* lb = policy_.uses_base() ? base.logits() : nullptr;
-        bool consult = policy_.gate(lb, tokens_, interventions_, info);
-        const float* lg = nullptr;
-        const float* la = nullptr;
-        if (policy_.uses_guide() && (consult || naive)) lg = guide.logits();
-        if (policy_.uses_anti() && (consult || naive)) la = anti.logits();
-        const auto& p = policy_.combine(consult ? lg : nullptr, la, info);
-        token = sampler_.pick(p.data(), n_vocab_);
-        final_p = &p;
-        in_word_ = method == Method::NudgingWord && info.intervened;
-    }
-    out.logprob = std::log((*final_p)[token]);
-    if (params_.top_logprobs > 0)
-        for (int i : top_k(final_p->data(), n_vocab_, params_.top_logprobs))
-            out.top_logprobs.emplace_back(i, std::log((*final_p)[i]));
+    const float* lb = policy_.uses_base() ? base.logits() : nullptr;
+    bool consult = policy_.gate(lb, tokens_, interventions_, info);
+    const float* lg = nullptr;
+    const float* la = nullptr;
+    if (policy_.uses_guide() && (consult || naive)) lg = guide.logits();
+    if (policy_.uses_anti() && (consult || naive)) la = anti.logits();
+    const auto& p = policy_.combine(consult ? lg : nullptr, la, info);
+    Token t = sampler_.pick(p.data(), n_vocab_);
+    in_word_ = params_.policy.method == Method::NudgingWord && info.intervened;
+    return decision(t, info, p);
+}
 
-    out.token = token;
+bool Engine::can_speculate() const {
+    if (!params_.speculative || !params_.lazy) return false;
+    switch (params_.policy.method) {
+        case Method::Nudging: case Method::BlendIn: case Method::Ensemble: case Method::Proxy: case Method::DeRa:
+            return true;
+        default:  // base and guide alone need no second opinion; a nudged word is the guide's anyway
+            return false;
+    }
+}
+
+// Speculative verification (DESIGN.md section 4): the guide drafts up to k tokens, the base (and
+// the anti) score them in one batch, and the policy decides each drafted position from both
+// models' logits there. Greedy: accept while the policy's argmax is the draft, then emit the
+// policy's own choice. Sampling: accept draft d with probability min(1, P(d)/Q(d)), else draw
+// from norm(max(0, P - Q)) (P: the policy's sampling distribution, Q: the guide's draft
+// distribution); each emitted token follows the policy exactly. All accepted: one bonus token.
+void Engine::speculate() {
+    Track& base = tracks_[kBase];
+    Track& guide = tracks_[kGuide];
+    Track& anti = tracks_[kAnti];
+    const bool greedy = sampler_.greedy();
+    size_t before[kRoles];
+    for (int r = 0; r < kRoles; ++r) before[r] = tracks_[r].length();
+
+    int k = std::min(draft_len_, static_cast<int>(params_.max_tokens - tokens_) - 1);
+    for (int r = 0; r < kRoles; ++r)
+        if (used(r)) k = std::min(k, tracks_[r].model->n_ctx() - 1 - static_cast<int>(tracks_[r].length()));
+    k = std::min(k, base.model->n_batch() - 1);
+    if (k < 1) {
+        queue_.push_back(decide_one());
+        return;
+    }
+    if (guide_rows_.size() < static_cast<size_t>(k)) {
+        guide_rows_.resize(k, std::vector<float>(n_vocab_));
+        draft_q_.resize(k, std::vector<float>(n_vocab_));
+    }
+    std::vector<Token> drafts;
+    for (int j = 0; j < k; ++j) {
+        const float* lg = guide.logits();
+        std::copy(lg, lg + n_vocab_, guide_rows_[j].begin());
+        Token d;
+        if (greedy) {
+            d = static_cast<Token>(std::max_element(lg, lg + n_vocab_) - lg);
+        } else {
+            softmax(lg, n_vocab_, draft_q_[j].data());
+            draft_q_[j] = sampler_.shape(draft_q_[j].data(), n_vocab_);
+            d = sampler_.draw(draft_q_[j].data(), n_vocab_);
+        }
+        drafts.push_back(d);
+        guide.pending.push_back(d);
+        if (eog_[d]) break;
+    }
+    k = static_cast<int>(drafts.size());
+    std::vector<const float*> lb = base.verify(drafts, base_row0_);
+    std::vector<const float*> la;
+    if (used(kAnti)) la = anti.verify(drafts, anti_row0_);
+    drafted_ += k;
+
+    long t = tokens_, iv = interventions_;
+    int accepted = 0;
+    for (int j = 0; j < k; ++j) {
+        StepInfo info;
+        bool consult = policy_.gate(lb[j], t, iv, info);
+        const auto& p = policy_.combine(consult ? guide_rows_[j].data() : nullptr,
+                                        consult && !la.empty() ? la[j] : nullptr, info);
+        const Token d = drafts[j];
+        Token choice = d;
+        bool accept;
+        if (greedy) {
+            choice = static_cast<Token>(std::max_element(p.begin(), p.end()) - p.begin());
+            accept = choice == d;
+        } else {
+            target_ = sampler_.shape(p.data(), n_vocab_);
+            const auto& q = draft_q_[j];
+            accept = sampler_.uniform() * q[d] < target_[d];  // probability min(1, P(d) / Q(d))
+            if (!accept) {
+                for (int i = 0; i < n_vocab_; ++i) target_[i] = std::max(0.0f, target_[i] - q[i]);
+                double sum = 0;
+                for (float x : target_) sum += x;
+                for (auto& x : target_) x = static_cast<float>(x / sum);
+                choice = sampler_.draw(target_.data(), n_vocab_);
+            }
+        }
+        queue_.push_back(decision(choice, info, p));
+        queue_.back().in_kv = accept;
+        ++t;
+        iv += info.intervened;
+        if (!accept) break;
+        ++accepted;
+        if (eog_[d]) break;
+    }
+    accepted_ += accepted;
+    if (accepted == k && !eog_[drafts.back()]) {  // the bonus token after the last draft
+        StepInfo info;
+        bool consult = policy_.gate(lb[k], t, iv, info);
+        const auto& p = policy_.combine(consult ? guide.logits() : nullptr,
+                                        consult && !la.empty() ? la[k] : nullptr, info);
+        queue_.push_back(decision(sampler_.pick(p.data(), n_vocab_), info, p));
+    }
+    for (int r = 0; r < kRoles; ++r)
+        if (used(r)) tracks_[r].keep(before[r] + accepted);
+    // adapt: a fully accepted draft may grow, a rejection shrinks to what was accepted
+    draft_len_ = accepted == k ? std::min(2 * draft_len_, params_.draft_max) : std::max(1, accepted + 1);
+}
+
+bool Engine::emit(Decision& d, Step& out) {
+    out = std::move(d.step);
+    const StepInfo& info = out.info;
+    const Token token = out.token;
     ++tokens_;
     if (info.intervened) ++interventions_;
     if (info.capped) ++capped_;
@@ -203,12 +364,11 @@ bool Engine::step(Step& out) {
         alpha_sum_ += info.alpha;
         ++n_alpha_;
     }
-
     if (eog_[token]) {
         finish("stop", out);
         return true;
     }
-    text_ += base.model->piece(token, false);
+    text_ += tracks_[kBase].model->piece(token, false);
     // stop strings: the earliest match in the text not yet released ends the generation there
     size_t cut = std::string::npos;
     for (const auto& s : params_.stop) cut = std::min(cut, text_.find(s, released_));
@@ -221,15 +381,16 @@ bool Engine::step(Step& out) {
         finish("length", out);
         return true;
     }
-    for (int r = 0; r < kRoles; ++r) {
-        Track& tr = tracks_[r];
-        bool used = r == kBase ? policy_.uses_base() : r == kGuide ? policy_.uses_guide() : policy_.uses_anti();
-        if (!used) continue;
-        if (static_cast<int>(tr.length()) >= tr.model->n_ctx()) {
-            finish("context", out);
-            return true;
+    if (!d.in_kv) {
+        for (int r = 0; r < kRoles; ++r) {
+            if (!used(r)) continue;
+            Track& tr = tracks_[r];
+            if (static_cast<int>(tr.length()) >= tr.model->n_ctx()) {
+                finish("context", out);
+                return true;
+            }
+            tr.pending.push_back(token);
         }
-        tr.pending.push_back(token);
     }
     release_text(out, false);
     return true;
@@ -260,6 +421,8 @@ Stats Engine::stats() const {
     s.tokens = tokens_;
     s.interventions = interventions_;
     s.capped = capped_;
+    s.drafted = drafted_;
+    s.accepted = accepted_;
     s.intervention_rate = tokens_ ? static_cast<double>(interventions_) / tokens_ : 0;
     s.mean_alpha = n_alpha_ ? alpha_sum_ / n_alpha_ : 0;
     for (int r = 0; r < kRoles; ++r) {

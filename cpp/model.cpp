@@ -293,12 +293,12 @@ const float* Model::logits(int i) const {
     return row;
 }
 
-void Model::decode_run(const Token* tokens, int n, int pos, int seq) {
+void Model::decode_run(const Token* tokens, int n, int pos, int seq, bool logits_last) {
     std::vector<BatchItem> batch;
     for (int start = 0; start < n; start += n_batch_) {
         int end = std::min(n, start + n_batch_);
         batch.clear();
-        for (int i = start; i < end; ++i) batch.push_back({tokens[i], pos + i, seq, i == n - 1});
+        for (int i = start; i < end; ++i) batch.push_back({tokens[i], pos + i, seq, logits_last && i == n - 1});
         decode(batch);
     }
 }

@@ -78,8 +78,8 @@ public:
     const float* logits(int i) const;
     int n_logits() const { return n_out_; }
     // Decode a run of tokens of one sequence starting at `pos`, in chunks of n_batch, with
-    // logits for the last token only (prefill, catch-up).
-    void decode_run(const Token* tokens, int n, int pos, int seq = 0);
+    // logits for the last token only (prefill, catch-up) or for none.
+    void decode_run(const Token* tokens, int n, int pos, int seq = 0, bool logits_last = true);
     void truncate(int seq, int n_keep);  // drop positions >= n_keep of a sequence (all if seq < 0)
     void copy_seq(int src, int dst, int n);  // share positions [0, n) of src with dst
     long long decode_calls() const { return decode_calls_; }

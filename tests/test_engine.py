@@ -118,14 +118,17 @@ def check_against_reference(paths, base_prompt, guide_prompt, method, steps, *, 
 
 
 # ---- every method against the reference -----------------------------------------------------------
+MODES = {"naive": dict(lazy=False), "lazy": dict(lazy=True), "speculative": dict(lazy=True, speculative=True)}
+
+
 @pytest.mark.parametrize("method", bc.METHODS)
-@pytest.mark.parametrize("lazy", [True, False], ids=["lazy", "naive"])
-def test_greedy_equals_numpy_reference(method, lazy, blender, paths):
+@pytest.mark.parametrize("mode", MODES)
+def test_greedy_equals_numpy_reference(method, mode, blender, paths):
     base_prompt, guide_prompt = blender.prompts(PROMPT)
     # proxy at beta 1 ends early on this random pair (the guide - anti difference picks the end
     # token after 38 steps); beta 0.8 keeps it going for the 64 tokens the check needs
     extra = {"beta": 0.8} if method == "proxy" else {}
-    ours = blender.complete(PROMPT, max_tokens=64, method=method, gamma=GAMMA, lazy=lazy, **extra)
+    ours = blender.complete(PROMPT, max_tokens=64, method=method, gamma=GAMMA, **MODES[mode], **extra)
     assert len(ours.steps) == 64
     exact = check_against_reference(paths, base_prompt, guide_prompt, method, ours.steps, **extra)
     assert exact >= 62, f"{method}: only {exact} of 64 choices were the reference's exact argmax"
@@ -229,8 +232,9 @@ def test_sampling_is_reproducible(blender):
     assert a.tokens != c.tokens
 
 
-@pytest.mark.parametrize("temperature, top_k", [(1.0, 0), (0.7, 12)])
-def test_sampled_frequencies_match_the_policy(blender, paths, temperature, top_k):
+@pytest.mark.parametrize("temperature, top_k, speculative", [(1.0, 0, False), (0.7, 12, False), (1.0, 0, True),
+                                                              (0.7, 12, True)])
+def test_sampled_frequencies_match_the_policy(blender, paths, temperature, top_k, speculative):
     """Frequencies of the first token over many seeds against the blended distribution at that
     step, computed in numpy: a chi-square statistic within 5 standard deviations of its mean."""
     base_prompt, guide_prompt = blender.prompts(PROMPT)
@@ -244,8 +248,10 @@ def test_sampled_frequencies_match_the_policy(blender, paths, temperature, top_k
     n = 3000
     counts = np.zeros_like(p)
     for seed in range(n):
-        (step,) = blender.complete(PROMPT, max_tokens=1, method="blendin", gamma=1.01, temperature=temperature,
-                                   top_k=top_k, seed=seed).steps
+        # with speculative=True the first token is the guide's draft, kept or resampled by the
+        # acceptance rule: its frequencies must still be the policy's
+        step = next(iter(blender.generate(PROMPT, max_tokens=2, method="blendin", gamma=1.01,
+                                          temperature=temperature, top_k=top_k, seed=seed, speculative=speculative)))
         counts[step.token] += 1
     if top_k:
         assert np.count_nonzero(counts) <= top_k
@@ -312,6 +318,17 @@ def test_stop_strings_cut_the_text(blender):
     assert r.finish_reason == "stop"
     streamed = "".join(s.text for s in r.steps)
     assert stop not in streamed and streamed == r.text
+
+
+def test_speculative_decodes_fewer_base_batches(blender):
+    lazy = blender.complete(PROMPT, max_tokens=64, method="ensemble")
+    spec = blender.complete(PROMPT, max_tokens=64, method="ensemble", speculative=True)
+    assert spec.tokens == lazy.tokens
+    st = spec.stats
+    assert st["drafted"] > 0 and 0 < st["accepted"] <= st["drafted"]
+    assert st["acceptance_rate"] == pytest.approx(st["accepted"] / st["drafted"])
+    # every accepted draft saves the base one decode call
+    assert st["decode_calls"]["base"] < lazy.stats["decode_calls"]["base"]
 
 
 def test_prefix_reuse_between_generations(blender):

@@ -124,7 +124,7 @@ def build_parser() -> argparse.ArgumentParser:
     g.add_argument("--trace", action="store_true", help="with --json: add per-token diagnostics as 'steps'")
     g.set_defaults(func=cmd_generate)
 
-    for name, module in (("chat", "chat"), ("eval", "evaluate")):
+    for name, module in (("chat", "chat"), ("eval", "evaluate"), ("serve", "server")):
         try:
             mod = __import__(f"blendin_cpp.{module}", fromlist=["add_parser"])
         except ImportError:

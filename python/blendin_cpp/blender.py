@@ -82,13 +82,17 @@ class Blender:
         max_intervention_rate: cap on the share of tokens the guide may steer (None = no cap).
         lazy: let the guide fall behind and catch up in one batch when it is consulted (exact);
             False runs the naive loop in which both models decode every token.
+        speculative: the guide drafts up to `draft_max` tokens and the base verifies them in one
+            batch; every emitted token still follows the policy exactly (greedy: the policy's
+            argmax; sampling: the speculative acceptance rule). Needs lazy.
         warn_intervention_rate: above this intervention rate the statistics carry a warning.
     """
 
     def __init__(self, base: Model, guide: Model | None = None, *, anti: Model | None = None,
                  method: str = "blendin", gamma: float = 0.4, alpha: float | str = "auto",
                  beta: float = 1.0, lambda_: float = 0.5, max_intervention_rate: float | None = None,
-                 lazy: bool = True, warn_intervention_rate: float = 0.5):
+                 lazy: bool = True, speculative: bool = False, draft_max: int = 8,
+                 warn_intervention_rate: float = 0.5):
         for name, m in (("base", base), ("guide", guide), ("anti", anti)):
             if m is not None and not isinstance(m, Model):
                 raise TypeError(f"{name} must be a blendin_cpp.Model, got {type(m).__name__}")
@@ -96,21 +100,22 @@ class Blender:
         self._engine = _core.Engine(base._handle, guide._handle if guide else None, anti._handle if anti else None)
         self.defaults: dict = {}
         self.configure(method=method, gamma=gamma, alpha=alpha, beta=beta, lambda_=lambda_,
-                       max_intervention_rate=max_intervention_rate, lazy=lazy,
-                       warn_intervention_rate=warn_intervention_rate)
+                       max_intervention_rate=max_intervention_rate, lazy=lazy, speculative=speculative,
+                       draft_max=draft_max, warn_intervention_rate=warn_intervention_rate)
         self.last_stats: dict = {}
         self._current = None
 
     def configure(self, **settings) -> None:
         """Change the default blending settings (method, gamma, alpha, beta, lambda_,
-        max_intervention_rate, lazy, warn_intervention_rate) for later generations."""
+        max_intervention_rate, lazy, speculative, draft_max, warn_intervention_rate) for later
+        generations."""
         merged = {**self.defaults, **settings}
         self._policy_args(merged)  # validate before keeping anything
         self.defaults = merged
 
     def _policy_args(self, s: dict) -> dict:
         unknown = set(s) - {"method", "gamma", "alpha", "beta", "lambda_", "max_intervention_rate", "lazy",
-                            "warn_intervention_rate"}
+                            "speculative", "draft_max", "warn_intervention_rate"}
         if unknown:
             raise TypeError(f"unknown setting(s): {', '.join(sorted(unknown))}")
         method = s["method"]
@@ -126,7 +131,8 @@ class Blender:
         return dict(method=method, gamma=_float("gamma", s["gamma"], lo=0), alpha=alpha,
                     beta=_float("beta", s["beta"]), lambda_=_float("lambda_", s["lambda_"]),
                     max_intervention_rate=1.0 if cap is None else _float("max_intervention_rate", cap, lo=0, hi=1),
-                    lazy=bool(s["lazy"]),
+                    lazy=bool(s["lazy"]), speculative=bool(s["speculative"]),
+                    draft_max=_int("draft_max", s["draft_max"], lo=1),
                     warn_intervention_rate=_float("warn_intervention_rate", s["warn_intervention_rate"], lo=0, hi=1))
 
     # --- prompts ------------------------------------------------------------------------------
@@ -194,7 +200,8 @@ class Blender:
             top_p=_float("top_p", top_p, lo=0, hi=1), min_p=_float("min_p", min_p, lo=0, hi=1),
             seed=_int("seed", seed, lo=0), max_tokens=_int("max_tokens", max_tokens, lo=1), stop=stop,
             lazy=policy["lazy"], warn_intervention_rate=policy["warn_intervention_rate"],
-            top_logprobs=_int("top_logprobs", top_logprobs, lo=0))
+            top_logprobs=_int("top_logprobs", top_logprobs, lo=0), speculative=policy["speculative"],
+            draft_max=policy["draft_max"])
         base_tokens, guide_tokens = self.prompts(prompt, guide_prompt)
         self._engine.start(base_tokens, guide_tokens, params)
         run = object()
