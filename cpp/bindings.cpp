@@ -9,6 +9,7 @@
 
 #include <cstring>
 
+#include "batch.h"
 #include "engine.h"
 #include "error.h"
 #include "gguf_check.h"
@@ -216,4 +217,22 @@ NB_MODULE(_core, m) {
                  return d;
              })
         .def("reset", &Engine::reset, nb::call_guard<nb::gil_scoped_release>());
+
+    m.def("generate_candidates", [](Model* base, Model* guide, Model* anti, const std::vector<Token>& base_prompt,
+                                    const std::vector<Token>& guide_prompt, const blendin::GenParams& params,
+                                    const std::vector<uint64_t>& seeds) {
+              std::vector<blendin::Candidate> cands;
+              {
+                  nb::gil_scoped_release release;
+                  cands = blendin::generate_candidates(*base, guide, anti, base_prompt, guide_prompt, params, seeds);
+              }
+              nb::list out;
+              for (auto& c : cands)
+                  out.append(nb::make_tuple(c.tokens, to_bytes(c.text), c.finish_reason, c.steps, c.interventions));
+              return out;
+          }, "base"_a, "guide"_a.none(), "anti"_a.none(), "base_prompt"_a, "guide_prompt"_a, "params"_a, "seeds"_a);
+    m.def("score_continuations", [](Model* model, const std::vector<Token>& prompt,
+                                    const std::vector<std::vector<Token>>& continuations, bool normalize) {
+              return blendin::score_continuations(*model, prompt, continuations, normalize);
+          }, "model"_a, "prompt"_a, "continuations"_a, "normalize"_a, nb::call_guard<nb::gil_scoped_release>());
 }

@@ -185,15 +185,16 @@ class Blender:
         self._current = None
         self._engine.reset()
 
-    def _start(self, prompt, guide_prompt, max_tokens, temperature, top_k, top_p, min_p, seed, stop, top_logprobs,
-               settings):
-        policy = self._policy_args({**self.defaults, **settings})
+    def gen_params(self, *, max_tokens=256, temperature=0.0, top_k=0, top_p=1.0, min_p=0.0, seed=0, stop=(),
+                   top_logprobs=0, settings=None) -> "_core.GenParams":
+        """Validated parameters of one generation (the blender's defaults, overridden by `settings`)."""
+        policy = self._policy_args({**self.defaults, **(settings or {})})
         if isinstance(stop, str):
             stop = [stop]
         stop = list(stop or [])
         if any(not isinstance(s, str) or not s for s in stop):
             raise ValueError("stop must be a list of non-empty strings")
-        params = _core.GenParams(
+        return _core.GenParams(
             method=policy["method"], gamma=policy["gamma"], alpha=policy["alpha"], beta=policy["beta"],
             lambda_=policy["lambda_"], max_intervention_rate=policy["max_intervention_rate"], overlap_k=10,
             temperature=_float("temperature", temperature, lo=0), top_k=_int("top_k", top_k, lo=0),
@@ -202,6 +203,11 @@ class Blender:
             lazy=policy["lazy"], warn_intervention_rate=policy["warn_intervention_rate"],
             top_logprobs=_int("top_logprobs", top_logprobs, lo=0), speculative=policy["speculative"],
             draft_max=policy["draft_max"])
+
+    def _start(self, prompt, guide_prompt, max_tokens, temperature, top_k, top_p, min_p, seed, stop, top_logprobs,
+               settings):
+        params = self.gen_params(max_tokens=max_tokens, temperature=temperature, top_k=top_k, top_p=top_p,
+                                 min_p=min_p, seed=seed, stop=stop, top_logprobs=top_logprobs, settings=settings)
         base_tokens, guide_tokens = self.prompts(prompt, guide_prompt)
         self._engine.start(base_tokens, guide_tokens, params)
         run = object()
