@@ -7,6 +7,7 @@
 
 #include "distribution.h"
 #include "error.h"
+#include "vocab_bridge.h"
 
 namespace blendin {
 
@@ -68,7 +69,11 @@ std::vector<Candidate> generate_candidates(Model& base, Model* guide, Model* ant
     const bool use_base = probe.uses_base(), use_guide = probe.uses_guide(), use_anti = probe.uses_anti();
     if (use_guide && !guide) throw ValueError("this method needs a guide model");
     if (use_anti && !anti) throw ValueError("method 'proxy' needs an anti model");
-    if (guide && guide->n_vocab() != nv) throw ValueError("the base and the guide do not share a vocabulary");
+    if (guide) {
+        VocabBridge bridge(base, *guide);
+        if (!bridge.identity())
+            throw ValueError("best-of-N needs a guide that shares the base's vocabulary: " + bridge.first_difference());
+    }
     if (use_base) check_model(&base, "base", n, bp.size(), params.max_tokens);
     if (use_guide) check_model(guide, "guide", n, gp.size(), params.max_tokens);
     if (use_anti) check_model(anti, "anti", n, gp.size(), params.max_tokens);

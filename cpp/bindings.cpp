@@ -166,7 +166,8 @@ NB_MODULE(_core, m) {
              "warn_intervention_rate"_a, "top_logprobs"_a = 0, "speculative"_a = false, "draft_max"_a = 8);
 
     // One step as a tuple: (token, text bytes, source, pb_max, pg_max, alpha, agree, overlap,
-    // intervened, finish_reason, logprob, top_logprobs) -- cheaper than an object per token.
+    // intervened, finish_reason, logprob, top_logprobs, guide_rank, mass_above, unmatched) --
+    // cheaper than an object per token.
     nb::class_<Engine>(m, "Engine")
         .def(nb::init<Model*, Model*, Model*>(), "base"_a, "guide"_a.none(), "anti"_a.none(),
              nb::keep_alive<1, 2>(), nb::keep_alive<1, 3>(), nb::keep_alive<1, 4>(),
@@ -184,7 +185,7 @@ NB_MODULE(_core, m) {
                  const auto& i = s.info;
                  return nb::make_tuple(s.token, to_bytes(s.text), blendin::source_name(i.source), i.pb_max, i.pg_max,
                                        i.alpha, i.agree, i.overlap, i.intervened, s.finish_reason, s.logprob,
-                                       s.top_logprobs);
+                                       s.top_logprobs, i.guide_rank, i.mass_above, i.unmatched);
              })
         .def("stats", [](const Engine& self) {
                  blendin::Stats s = self.stats();
@@ -216,7 +217,16 @@ NB_MODULE(_core, m) {
                  d["warning"] = s.warning;
                  return d;
              })
-        .def("reset", &Engine::reset, nb::call_guard<nb::gil_scoped_release>());
+        .def("reset", &Engine::reset, nb::call_guard<nb::gil_scoped_release>())
+        .def_prop_ro("bridged", &Engine::bridged)
+        .def("tokens", &Engine::tokens, "role"_a);
+
+    nb::class_<blendin::VocabBridge>(m, "VocabBridge")
+        .def(nb::init<const Model&, const Model&>(), "base"_a, "guide"_a, nb::call_guard<nb::gil_scoped_release>())
+        .def_prop_ro("identity", &blendin::VocabBridge::identity)
+        .def_prop_ro("first_difference", &blendin::VocabBridge::first_difference)
+        .def("map", &blendin::VocabBridge::map)
+        .def("exact", &blendin::VocabBridge::exact);
 
     m.def("generate_candidates", [](Model* base, Model* guide, Model* anti, const std::vector<Token>& base_prompt,
                                     const std::vector<Token>& guide_prompt, const blendin::GenParams& params,

@@ -97,35 +97,64 @@ Engine::Engine(Model* base, Model* guide, Model* anti) {
     BLENDIN_CHECK(base != nullptr);
     Model* models[kRoles] = {base, guide, anti};
     n_vocab_ = base->n_vocab();
-    for (int r = 1; r < kRoles; ++r) {
-        Model* m = models[r];
-        if (!m) continue;
-        if (m == base || (r == kAnti && m == guide))
+    for (int r = 1; r < kRoles; ++r)
+        if (models[r] && (models[r] == base || (r == kAnti && models[r] == guide)))
             throw ValueError(std::string("the ") + kRoleNames[r] + " must be a separate Model object (each keeps its own KV cache)");
-        if (m->n_vocab() != n_vocab_)
-            throw ValueError(std::string("the base and the ") + kRoleNames[r] + " do not share a vocabulary: " +
-                             std::to_string(n_vocab_) + " vs " + std::to_string(m->n_vocab()) +
-                             " tokens (blending across tokenizers is not supported yet)");
-        for (Token t = 0; t < n_vocab_; ++t) {
-            std::string a = base->piece(t, true), b = m->piece(t, true);
-            if (a != b)
-                throw ValueError(std::string("the base and the ") + kRoleNames[r] +
-                                 " do not share a vocabulary: token " + std::to_string(t) + " is '" + a +
-                                 "' in the base and '" + b + "' in the " + kRoleNames[r] +
-                                 " (blending across tokenizers is not supported yet)");
-        }
+    if (guide) bridge_ = std::make_unique<VocabBridge>(*base, *guide);
+    if (anti) {  // proxy-tuning subtracts logits token by token: the anti must share the base's tokens
+        VocabBridge check(*base, *anti, "anti");
+        if (!check.identity())
+            throw ValueError("the base and the anti do not share a vocabulary: " + check.first_difference());
     }
     for (int r = 0; r < kRoles; ++r) tracks_[r].model = models[r];
     eog_.resize(n_vocab_);
     starts_word_.resize(n_vocab_);
     for (Token t = 0; t < n_vocab_; ++t) {
-        eog_[t] = base->is_eog(t) || (guide && guide->is_eog(t));
-        Model* w = guide ? guide : base;
-        std::string piece = w->piece(t, false);
+        // the final distribution lives on the base vocabulary, so its tokens decide
+        eog_[t] = base->is_eog(t) || (guide && !bridged() && guide->is_eog(t));
+        std::string piece = base->piece(t, false);
         // a word starts at whitespace; control tokens (and empty pieces) end a word too
-        starts_word_[t] = piece.empty() || w->is_control(t) || std::isspace(static_cast<unsigned char>(piece[0]));
+        starts_word_[t] = piece.empty() || base->is_control(t) || std::isspace(static_cast<unsigned char>(piece[0]));
+    }
+    if (bridged()) {
+        guide_p_.resize(guide->n_vocab());
+        guide_mapped_.resize(n_vocab_);
     }
 }
+
+// The guide's next-token logits on the base vocabulary. A guide with its own tokenizer reads
+// the generated text through that tokenizer first (re-tokenised in full, so that text the guide
+// would merge differently is merged its way), then its distribution is mapped by the bridge.
+const float* Engine::guide_logits() {
+    Track& g = tracks_[kGuide];
+    if (!bridged()) return g.logits();
+    std::vector<Token> target = guide_prompt_;
+    std::vector<Token> text = g.model->tokenize(text_.substr(0, utf8_boundary(text_, 0, text_.size())), false, false);
+    target.insert(target.end(), text.begin(), text.end());
+    size_t common = 0;
+    const size_t have = g.length();
+    auto at = [&g](size_t i) { return i < g.cached.size() ? g.cached[i] : g.pending[i - g.cached.size()]; };
+    while (common < have && common < target.size() && at(common) == target[common]) ++common;
+    if (common == target.size() && common == have && g.pending.empty() && common > 0) {
+        // nothing new since the last decode: its logits are still current
+    } else {
+        if (common == target.size()) --common;  // re-read the last token for its logits
+        g.keep(common);
+        g.pending.insert(g.pending.end(), target.begin() + static_cast<long>(g.length()), target.end());
+    }
+    softmax(g.logits(), g.model->n_vocab(), guide_p_.data());
+    unmatched_ = bridge_->map_log_probs(guide_p_.data(), guide_mapped_.data(), n_vocab_);
+    return guide_mapped_.data();
+}
+
+std::vector<Token> Engine::tokens(int role) const {
+    if (role < 0 || role >= kRoles) throw ValueError("role must be 0 (base), 1 (guide) or 2 (anti)");
+    std::vector<Token> out = tracks_[role].cached;
+    out.insert(out.end(), tracks_[role].pending.begin(), tracks_[role].pending.end());
+    return out;
+}
+
+bool Engine::guide_blocked() const { return bridged() && utf8_boundary(text_, 0, text_.size()) != text_.size(); }
 
 void Engine::reset() {
     for (auto& tr : tracks_) {
@@ -161,8 +190,13 @@ void Engine::start(const std::vector<Token>& base_prompt, const std::vector<Toke
                              " tokens, which leaves no room in its context of " + std::to_string(m->n_ctx()) +
                              " tokens (shorten the prompt or raise n_ctx)");
     }
+    if (bridged() && (p.policy.method == Method::Proxy || p.policy.method == Method::DeRa))
+        throw ValueError(std::string("method '") + method_name(p.policy.method) +
+                         "' combines logits token by token and needs a guide that shares the base's vocabulary: " +
+                         bridge_->first_difference());
     params_ = p;
     policy_ = std::move(policy);
+    guide_prompt_ = guide_prompt;
     sampler_ = std::move(sampler);
     tokens_ = interventions_ = capped_ = n_alpha_ = 0;
     alpha_sum_ = 0;
@@ -226,30 +260,32 @@ Engine::Decision Engine::decide_one() {
     const bool naive = !params_.lazy;
     StepInfo info;
     // word-level nudging: inside a nudged word the guide keeps writing until it starts a new word
-    if (in_word_) {
+    if (in_word_ && !guide_blocked()) {
         policy_.gate(nullptr, tokens_, interventions_, info);
-        const auto& p = policy_.combine(guide.logits(), nullptr, info);
+        const auto& p = policy_.combine(guide_logits(), nullptr, info);
+        info.unmatched = bridged() ? unmatched_ : 0.0f;
         Token t = sampler_.pick(p.data(), n_vocab_);
         if (!starts_word_[t]) {
             if (naive) base.logits();
             return decision(t, info, p);
         }
-        in_word_ = false;
     }
+    in_word_ = false;
     const float* lb = policy_.uses_base() ? base.logits() : nullptr;
-    bool consult = policy_.gate(lb, tokens_, interventions_, info);
+    bool consult = policy_.gate(lb, tokens_, interventions_, info) && !(lb && guide_blocked());
     const float* lg = nullptr;
     const float* la = nullptr;
-    if (policy_.uses_guide() && (consult || naive)) lg = guide.logits();
+    if (policy_.uses_guide() && (consult || naive)) lg = guide_logits();
     if (policy_.uses_anti() && (consult || naive)) la = anti.logits();
     const auto& p = policy_.combine(consult ? lg : nullptr, la, info);
+    if (consult && lg) info.unmatched = bridged() ? unmatched_ : 0.0f;
     Token t = sampler_.pick(p.data(), n_vocab_);
     in_word_ = params_.policy.method == Method::NudgingWord && info.intervened;
     return decision(t, info, p);
 }
 
 bool Engine::can_speculate() const {
-    if (!params_.speculative || !params_.lazy) return false;
+    if (!params_.speculative || !params_.lazy || bridged()) return false;
     switch (params_.policy.method) {
         case Method::Nudging: case Method::BlendIn: case Method::Ensemble: case Method::Proxy: case Method::DeRa:
             return true;
@@ -383,7 +419,7 @@ bool Engine::emit(Decision& d, Step& out) {
     }
     if (!d.in_kv) {
         for (int r = 0; r < kRoles; ++r) {
-            if (!used(r)) continue;
+            if (!used(r) || (r == kGuide && bridged())) continue;  // a bridged guide follows the text
             Track& tr = tracks_[r];
             if (static_cast<int>(tr.length()) >= tr.model->n_ctx()) {
                 finish("context", out);

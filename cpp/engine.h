@@ -3,12 +3,14 @@
 #pragma once
 
 #include <chrono>
+#include <memory>
 #include <string>
 #include <vector>
 
 #include "model.h"
 #include "policy.h"
 #include "sampler.h"
+#include "vocab_bridge.h"
 
 namespace blendin {
 
@@ -57,6 +59,9 @@ public:
     Stats stats() const;
     void reset();  // forget the KV caches (after adapter scales change, say)
     int n_vocab() const { return n_vocab_; }
+    bool bridged() const { return bridge_ && !bridge_->identity(); }
+    // What a model has read or will read next (its KV cache and pending tokens), for tests.
+    std::vector<Token> tokens(int role) const;
 
 private:
     // A decided token: emitted in order by step(). `in_kv`: already in every model's cache (an
@@ -91,7 +96,14 @@ private:
     void finish(const std::string& reason, Step& out);
     void release_text(Step& out, bool all);
 
+    const float* guide_logits();  // on the base vocabulary (mapped through the bridge if needed)
+    bool guide_blocked() const;    // a cross-vocabulary guide cannot read half a character
+
     Track tracks_[kRoles];
+    std::unique_ptr<VocabBridge> bridge_;
+    std::vector<Token> guide_prompt_;
+    std::vector<float> guide_p_, guide_mapped_;
+    float unmatched_ = 0;
     int n_vocab_ = 0;
     std::vector<bool> starts_word_;  // guide tokens that begin a new word (nudging_word)
     std::vector<bool> eog_;

@@ -47,7 +47,7 @@ Policy::Policy(const PolicyParams& params, int n_vocab) : params_(params), n_(n_
 
 bool Policy::gate(const float* base_logits, long tokens, long interventions, StepInfo& info) {
     info = StepInfo{};
-    info.pg_max = info.agree = info.overlap = kNaN;
+    info.pg_max = info.agree = info.overlap = info.mass_above = info.unmatched = kNaN;
     lb_ = base_logits;
     if (!base_logits) {  // the guide alone writes this token (guide method, a nudged word)
         info.pb_max = kNaN;
@@ -82,8 +82,18 @@ const std::vector<float>& Policy::combine(const float* lg, const float* la, Step
     info.pg_max = peak_g.value;
     info.intervened = m != Method::Guide;
     if (lb_) {
-        info.agree = pb_[peak_g.index];
+        const float pg_top = pb_[peak_g.index];
+        info.agree = pg_top;
         if (params_.overlap_k > 0) info.overlap = top_k_overlap(pb_.data(), pg_.data(), n_, params_.overlap_k);
+        int above = 0;
+        double mass = 0;
+        for (int i = 0; i < n_; ++i)
+            if (pb_[i] > pg_top) {
+                ++above;
+                mass += pb_[i];
+            }
+        info.guide_rank = above + 1;
+        info.mass_above = static_cast<float>(mass);
     }
     switch (m) {
         case Method::Guide:

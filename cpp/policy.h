@@ -34,6 +34,11 @@ struct StepInfo {
     bool intervened = false;
     bool capped = false;  // the gate said intervene, the intervention cap said no
     float pb_max = 0, pg_max = 0, alpha = 0, agree = 0, overlap = 0;
+    // BlendIn's vocabulary analysis, where the guide was consulted: the rank (1 = top) of the
+    // guide's top token in the base distribution, the base mass above it (inside the base's
+    // top-p 0.9 iff < 0.9), and the share of guide mass with no exact base counterpart.
+    int guide_rank = 0;
+    float mass_above = 0, unmatched = 0;
 };
 
 class Policy {

@@ -412,13 +412,20 @@ def test_context_full_ends_the_generation(blender):
 
 
 def test_mismatched_vocabularies(model_dir, models):
-    other = random_llama(model_dir / "other_vocab.gguf", n_embd=32, n_layer=1, n_head=2, seed=5,
-                         tokenizer=make_tokenizer(1024, seed=99))
-    with pytest.raises(ValueError, match=r"do not share a vocabulary: token \d+ is"):
-        bc.Blender(models["base"], bc.Model(other, n_ctx=64))
-    smaller = random_llama(model_dir / "small_vocab.gguf", n_embd=32, n_layer=1, n_head=2, seed=5, n_vocab=600)
-    with pytest.raises(ValueError, match="1024 vs 600 tokens"):
-        bc.Blender(models["base"], bc.Model(smaller, n_ctx=64))
+    """A guide with another tokenizer goes through the vocabulary bridge (tests/test_vocab_bridge.py);
+    what needs token-by-token logit arithmetic refuses it, naming the first difference."""
+    other = bc.Model(random_llama(model_dir / "other_vocab.gguf", n_embd=32, n_layer=1, n_head=2, seed=5,
+                                  tokenizer=make_tokenizer(1024, seed=99)), n_ctx=64)
+    b = bc.Blender(models["base"], other)
+    assert b._engine.bridged
+    for method in ("proxy", "dera"):
+        with pytest.raises(ValueError, match=r"needs a guide that shares the base's vocabulary: token \d+ is"):
+            b.complete(PROMPT, method=method, max_tokens=2) if method == "dera" else \
+                bc.Blender(models["base"], other, anti=models["anti"]).complete(PROMPT, method=method, max_tokens=2)
+    smaller = bc.Model(random_llama(model_dir / "small_vocab.gguf", n_embd=32, n_layer=1, n_head=2, seed=5,
+                                    n_vocab=600), n_ctx=64)
+    with pytest.raises(ValueError, match="the base and the anti do not share a vocabulary: token \\d+ is .* in the anti"):
+        bc.Blender(models["base"], models["guide"], anti=smaller)
 
 
 def test_proxy_needs_the_third_model(models):

@@ -28,6 +28,12 @@ class Step:
     finish_reason: str | None
     logprob: float = 0.0  # log p(token) under the final distribution (temperature 1)
     top_logprobs: tuple[tuple[int, float], ...] = ()  # with top_logprobs=N: the N likeliest tokens
+    # BlendIn's vocabulary analysis where the guide was consulted (None elsewhere): the rank of
+    # the guide's top token in the base distribution (1 = the base's top), the base mass above it
+    # (inside the base's top-p 0.9 iff < 0.9), the share of guide mass with no exact base token
+    guide_rank: int | None = None
+    mass_above: float | None = None
+    unmatched: float | None = None
 
     def as_dict(self) -> dict:
         return dict(self.__dict__)
@@ -222,11 +228,13 @@ class Blender:
             t = engine.step()
             if t is None:
                 return
-            token, text, source, pb, pg, alpha, agree, overlap, intervened, finish, logprob, top = t
+            (token, text, source, pb, pg, alpha, agree, overlap, intervened, finish, logprob, top, rank, above,
+             unmatched) = t
             step = Step(token=token, text=text.decode("utf-8", errors="replace"), source=source,
                         pb_max=_num(pb), pg_max=_num(pg), alpha=_num(alpha), agree=_num(agree),
                         overlap=_num(overlap), intervened=intervened, finish_reason=finish or None,
-                        logprob=logprob, top_logprobs=tuple(top))
+                        logprob=logprob, top_logprobs=tuple(top), guide_rank=rank or None,
+                        mass_above=_num(above), unmatched=_num(unmatched))
             if finish:
                 self.last_stats = engine.stats()
                 self._current = None
