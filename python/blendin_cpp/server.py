@@ -7,14 +7,15 @@ file. Chat requests give the base a plain transcript and the guide its chat temp
 prompt goes to the base as it is and to the guide as one user message (`Blender.generate`).
 
 Concurrency: one Blender owns both models' KV caches, so generations never interleave. Requests
-wait in FIFO order on an asyncio.Lock (its waiters are woken first come, first served); the holder
+wait in FIFO order on an asyncio.Lock (its waiters are woken first come, first served). The holder
 pulls its generator on one dedicated worker thread (each `next()` is a C++ step with the GIL
 released), so the event loop keeps accepting, validating and queueing requests meanwhile, and no
-two engine calls can ever run at once. A generation is pulled in bursts of at most PULL_S seconds;
-between bursts the server notices a client that went away (a streaming response is cancelled by
-Starlette when the client disconnects; a plain one checks the connection) and then stops pulling
-and releases the lock at once: the engine needs nothing else, the next request just starts.
-At most --max-queue requests wait; more get 503.
+two generation calls can ever overlap (prompts are tokenized outside the queue: that only reads
+the vocabulary). A generation is pulled in bursts of at most PULL_S seconds; between bursts the
+server notices a client that went away (Starlette cancels a streaming response when its client
+disconnects; a plain one checks the connection), stops pulling and releases the lock at once: the
+engine needs nothing else, the next request just starts. At most --max-queue requests wait; more
+get 503. Requests that share a prefix with the previous one (a growing chat) reuse the KV cache.
 """
 from __future__ import annotations
 
@@ -22,14 +23,21 @@ import asyncio
 import hmac
 import json
 import os
+import sys
 import time
 import uuid
 from concurrent.futures import ThreadPoolExecutor
 from functools import partial
-from typing import Any, AsyncIterator, Literal, Optional, Union
+from pathlib import Path
+from typing import Annotated, Any, AsyncIterator, Literal, Optional, Union
 
+from fastapi import FastAPI, Request
 from pydantic import BaseModel, ConfigDict, Field, ValidationError
+from starlette.background import BackgroundTask
+from starlette.exceptions import HTTPException
+from starlette.responses import JSONResponse, Response, StreamingResponse
 
+from .__main__ import add_blend_args, add_model_args, blender_from_args, json_safe
 from .blender import METHODS, Blender, Step
 
 MAX_BODY_BYTES = 1 << 20
@@ -71,13 +79,16 @@ class _Request(BaseModel):
     stop: Union[str, list[str], None] = None
     stream: bool = False
     stream_options: Optional[StreamOptions] = None
-    n: Literal[1] = 1
+    # n > 1 or best_of: candidates as parallel sequences (best-of-N, not streamed); with best_of,
+    # the n with the highest implicit reward (guide minus base log-likelihood) of best_of
+    n: int = Field(default=1, ge=1, le=16)
+    best_of: Optional[int] = Field(default=None, ge=1, le=16)
     presence_penalty: Literal[0] = 0
     frequency_penalty: Literal[0] = 0
     user: Optional[str] = None
     method: Optional[Literal[METHODS]] = None
     gamma: Optional[float] = Field(default=None, ge=0)
-    alpha: Union[float, Literal["auto"], None] = Field(default=None, ge=0, le=1)
+    alpha: Union[Annotated[float, Field(ge=0, le=1)], Literal["auto"], None] = None
     beta: Optional[float] = None
     lambda_: Optional[float] = Field(default=None, alias="lambda")
     max_intervention_rate: Optional[float] = Field(default=None, ge=0, le=1)
@@ -114,9 +125,17 @@ class CompletionRequest(_Request):
     logprobs: Optional[int] = Field(default=None, ge=0, le=20)
 
 
-def _validation_error(e) -> ApiError:
+_FIELDS = {f.alias or name for m in (ChatRequest, CompletionRequest, Message, TextPart, StreamOptions)
+           for name, f in m.model_fields.items()}
+
+
+def _validation_error(e: ValidationError) -> ApiError:
     err = e.errors(include_url=False)[0]
-    loc = [str(p) for p in err["loc"]]
+    loc = []
+    for part in err["loc"]:
+        if not (isinstance(part, int) or part in _FIELDS):
+            break  # pydantic names the member of a Union it tried ("str", "constrained-float"): not a field
+        loc.append(str(part))
     param = ".".join(loc) or None
     kind = err["type"]
     if kind == "json_invalid":
@@ -124,7 +143,8 @@ def _validation_error(e) -> ApiError:
     if kind == "model_type" and not loc:
         return ApiError(400, "the body must be a JSON object", code="invalid_json")
     if kind == "extra_forbidden":
-        return ApiError(400, f"unknown parameter {param!r}", param=param, code="unknown_parameter")
+        name = ".".join(map(str, err["loc"]))
+        return ApiError(400, f"unknown parameter {name!r}", param=name, code="unknown_parameter")
     if kind == "missing":
         return ApiError(400, f"missing required parameter {param!r}", param=param, code="missing_required_parameter")
     return ApiError(400, f"invalid value for {param!r}: {err['msg']}", param=param, code="invalid_value")
@@ -162,6 +182,21 @@ class Slot:
     async def call(self, fn, *args):
         return await asyncio.get_running_loop().run_in_executor(self._worker, fn, *args)
 
+    async def exclusive(self, fn):
+        """Wait for the models (FIFO), run fn() on the worker, give the models back."""
+        if self.waiting >= self.max_queue:
+            raise ApiError(503, f"the server is busy ({self.waiting} requests waiting); retry later",
+                           type="server_error", code="server_busy")
+        self.waiting += 1
+        try:
+            await self._lock.acquire()
+        finally:
+            self.waiting -= 1
+        try:
+            return await self.call(fn)
+        finally:
+            self._lock.release()
+
     async def open(self, request, prompt, kwargs: dict) -> "Run | None":
         """Wait for the models (FIFO), then start the generation; None if the client left meanwhile."""
         if self.waiting >= self.max_queue:
@@ -181,6 +216,12 @@ class Slot:
             self._lock.release()
             raise
         return Run(self, steps)
+
+    def release(self, steps) -> None:
+        """Give the models to the next request. The generator's close() is queued on the worker
+        behind any step still running there, and ahead of the next request's start."""
+        self._worker.submit(steps.close)
+        self._lock.release()
 
 
 class Run:
@@ -204,9 +245,7 @@ class Run:
     def close(self) -> None:
         if self._open:
             self._open = False
-            # queued behind any step still running on the worker, ahead of the next request's start
-            self.slot._worker.submit(self._steps.close)
-            self.slot._lock.release()
+            self.slot.release(self._steps)
 
 
 # ---- responses ----------------------------------------------------------------------------------------
@@ -214,7 +253,8 @@ FINISH = {"stop": "stop", "length": "length", "context": "length"}
 
 
 def _usage(stats: dict) -> dict:
-    prompt, completion = stats["prompt_tokens"]["base"], stats["tokens"]
+    prompt = stats["prompt_tokens"]["base"] or stats["prompt_tokens"]["guide"]  # method "guide": no base
+    completion = stats["tokens"]
     return {"prompt_tokens": prompt, "completion_tokens": completion, "total_tokens": prompt + completion}
 
 
@@ -289,10 +329,41 @@ class Server:
                            param="method", code="invalid_value")
         return kw
 
+    async def candidates(self, req, prompt, kwargs: dict, fmt) -> Any:
+        """n (or best_of) candidates as parallel sequences; with best_of, the n best by reward."""
+        from . import best_of_n as bon
+        if req.stream:
+            raise ApiError(400, "n > 1 and best_of cannot be streamed", param="stream", code="invalid_value")
+        total = req.best_of or req.n
+        if req.n > total:
+            raise ApiError(400, f"best_of ({total}) must be >= n ({req.n})", param="best_of", code="invalid_value")
+        if req.best_of and self.blender.guide is None:
+            raise ApiError(400, "best_of ranks by the implicit reward, which needs a guide", param="best_of")
+        kw = {k: v for k, v in kwargs.items() if k != "top_logprobs"}
+        seed = kw.pop("seed")
+
+        def run():
+            cands = bon.generate_candidates(self.blender, prompt, total, seed=seed, **kw)
+            rewards = bon.implicit_reward(self.blender)(prompt, cands) if req.best_of else [0.0] * total
+            return cands, rewards
+        try:
+            cands, rewards = await self.slot.exclusive(run)
+        except (ValueError, TypeError) as e:
+            raise ApiError(400, str(e)) from None
+        order = sorted(range(total), key=lambda i: -rewards[i])[: req.n] if req.best_of else list(range(req.n))
+        completion = sum(len(c.tokens) for c in cands)
+        prompt_tokens = len(self.blender.prompts(prompt)[0])
+        return JSONResponse({**fmt.head(fmt.whole_object),
+                             "choices": [fmt.choice(k, cands[i].text, FINISH[cands[i].finish_reason])
+                                         for k, i in enumerate(order)],
+                             "usage": {"prompt_tokens": prompt_tokens, "completion_tokens": completion,
+                                       "total_tokens": prompt_tokens + completion},
+                             "blend": {"candidates": [{"seed": seed + i, "reward": rewards[i] if req.best_of else None,
+                                                       "interventions": cands[i].interventions,
+                                                       "tokens": len(cands[i].tokens)} for i in range(total)]}})
+
     async def generate(self, request, req, prompt, kwargs: dict, fmt) -> Any:
         """Run a generation; `fmt` turns steps into response objects (see ChatFormat)."""
-        from starlette.background import BackgroundTask
-        from starlette.responses import JSONResponse, Response, StreamingResponse
         try:
             run = await self.slot.open(request, prompt, kwargs)
         except (ValueError, TypeError) as e:
@@ -320,13 +391,14 @@ class Server:
         try:
             yield event(fmt.chunk(None, first=True))
             async for burst in run.bursts():
-                for step in burst:
-                    if step.text or (fmt.logprobs is not None and not self.blender.base.is_eog(step.token)):
-                        yield event(fmt.chunk(step))
+                # one write per burst: a client that left costs one failed write, not one per token
+                events = "".join(event(fmt.chunk(step)) for step in burst if fmt.shows(step))
+                if events:
+                    yield events
             yield event(fmt.final(run.stats))
             if include_usage:
                 yield event(fmt.usage_chunk(run.stats))
-        except (ValueError, TypeError, RuntimeError) as e:  # the headers are sent: report in the stream
+        except Exception as e:  # the status line is sent: report the error in the stream, as OpenAI does
             yield event(ApiError(500, f"generation failed: {e}", type="server_error").body())
         yield "data: [DONE]\n\n"
 
@@ -349,14 +421,18 @@ class _Format:
         """Steps that have a token to report (not the end-of-generation token)."""
         return [s for s in steps if not self.server.blender.base.is_eog(s.token)]
 
-
-def _json_safe(stats: dict) -> dict:
-    from .__main__ import json_safe
-    return json_safe(stats)
+    def shows(self, step: Step) -> bool:
+        """Whether a step gets a chunk of its own when streaming (text, or a token's logprobs)."""
+        return bool(step.text) or (self.logprobs is not None and not self.server.blender.base.is_eog(step.token))
 
 
 class ChatFormat(_Format):
     prefix = "chatcmpl"
+    whole_object = "chat.completion"
+
+    def choice(self, index: int, text: str, finish: str) -> dict:
+        return {"index": index, "message": {"role": "assistant", "content": text}, "logprobs": None,
+                "finish_reason": finish}
 
     def _logprobs(self, steps: list[Step]) -> dict | None:
         if self.logprobs is None:
@@ -375,7 +451,7 @@ class ChatFormat(_Format):
         return {**self.head("chat.completion"),
                 "choices": [{"index": 0, "message": {"role": "assistant", "content": "".join(s.text for s in steps)},
                              "logprobs": self._logprobs(steps), "finish_reason": FINISH[stats["finish_reason"]]}],
-                "usage": _usage(stats), "blend": _json_safe(stats)}
+                "usage": _usage(stats), "blend": json_safe(stats)}
 
     def chunk(self, step: Step | None, first: bool = False) -> dict:
         delta = {"role": "assistant", "content": ""} if first else {"content": step.text}
@@ -387,7 +463,7 @@ class ChatFormat(_Format):
         return {**self.head("chat.completion.chunk"),
                 "choices": [{"index": 0, "delta": {}, "logprobs": None,
                              "finish_reason": FINISH[stats["finish_reason"]]}],
-                "blend": _json_safe(stats)}
+                "blend": json_safe(stats)}
 
     def usage_chunk(self, stats: dict) -> dict:
         return {**self.head("chat.completion.chunk"), "choices": [], "usage": _usage(stats)}
@@ -395,6 +471,10 @@ class ChatFormat(_Format):
 
 class CompletionFormat(_Format):
     prefix = "cmpl"
+    whole_object = "text_completion"
+
+    def choice(self, index: int, text: str, finish: str) -> dict:
+        return {"index": index, "text": text, "logprobs": None, "finish_reason": finish}
 
     def __init__(self, server: Server, logprobs: int | None):
         super().__init__(server, logprobs)
@@ -417,7 +497,7 @@ class CompletionFormat(_Format):
         return {**self.head("text_completion"),
                 "choices": [{"index": 0, "text": "".join(s.text for s in steps), "logprobs": self._logprobs(steps),
                              "finish_reason": FINISH[stats["finish_reason"]]}],
-                "usage": _usage(stats), "blend": _json_safe(stats)}
+                "usage": _usage(stats), "blend": json_safe(stats)}
 
     def chunk(self, step: Step | None, first: bool = False) -> dict | None:
         return {**self.head("text_completion"),
@@ -428,7 +508,7 @@ class CompletionFormat(_Format):
         return {**self.head("text_completion"),
                 "choices": [{"index": 0, "text": "", "logprobs": None,
                              "finish_reason": FINISH[stats["finish_reason"]]}],
-                "blend": _json_safe(stats)}
+                "blend": json_safe(stats)}
 
     def usage_chunk(self, stats: dict) -> dict:
         return {**self.head("text_completion"), "choices": [], "usage": _usage(stats)}
@@ -437,10 +517,6 @@ class CompletionFormat(_Format):
 # ---- the app ----------------------------------------------------------------------------------------------
 def create_app(server: Server):
     """The FastAPI application around a Server."""
-    from fastapi import FastAPI, Request
-    from fastapi.responses import JSONResponse
-    from starlette.exceptions import HTTPException
-
     app = FastAPI(title="blendin_cpp", version="0.1.0", docs_url=None, redoc_url=None, openapi_url=None)
 
     @app.exception_handler(ApiError)
@@ -464,9 +540,9 @@ def create_app(server: Server):
     @app.get("/v1/models")
     async def models(request: Request):
         server.check_key(request)
+        blend = {"lambda" if k == "lambda_" else k: v for k, v in server.blender.defaults.items()}
         return {"object": "list", "data": [{"id": server.model_id, "object": "model", "created": server.created,
-                                            "owned_by": "blendin_cpp", "n_ctx": server.n_ctx,
-                                            "blend": server.blender.defaults}]}
+                                            "owned_by": "blendin_cpp", "n_ctx": server.n_ctx, "blend": blend}]}
 
     @app.post("/v1/chat/completions")
     async def chat_completions(request: Request):
@@ -477,7 +553,10 @@ def create_app(server: Server):
             raise ApiError(400, "top_logprobs needs logprobs: true", param="top_logprobs", code="invalid_value")
         max_tokens = req.max_completion_tokens if req.max_completion_tokens is not None else req.max_tokens
         kwargs = await server.prepare(req, messages, max_tokens, top, "messages")
-        return await server.generate(request, req, messages, kwargs, ChatFormat(server, top if req.logprobs else None))
+        fmt = ChatFormat(server, top if req.logprobs else None)
+        if req.n > 1 or req.best_of:
+            return await server.candidates(req, messages, kwargs, fmt)
+        return await server.generate(request, req, messages, kwargs, fmt)
 
     @app.post("/v1/completions")
     async def completions(request: Request):
@@ -489,14 +568,16 @@ def create_app(server: Server):
                                code="invalid_value")
             prompt = prompt[0]
         kwargs = await server.prepare(req, prompt, req.max_tokens, req.logprobs or 0, "prompt")
-        return await server.generate(request, req, prompt, kwargs, CompletionFormat(server, req.logprobs))
+        fmt = CompletionFormat(server, req.logprobs)
+        if req.n > 1 or req.best_of:
+            return await server.candidates(req, prompt, kwargs, fmt)
+        return await server.generate(request, req, prompt, kwargs, fmt)
 
     return app
 
 
 # ---- the command ----------------------------------------------------------------------------------------
 def add_parser(subparsers) -> None:
-    from .__main__ import add_blend_args, add_model_args
     p = subparsers.add_parser("serve", help="an OpenAI-compatible HTTP server (chat and completions)")
     add_model_args(p)
     add_blend_args(p)
@@ -508,26 +589,25 @@ def add_parser(subparsers) -> None:
     s.add_argument("--model-name", help="the model id clients see (default: base+guide file names)")
     s.add_argument("--max-tokens-limit", type=int, default=4096, help="largest max_tokens a request may ask for")
     s.add_argument("--max-queue", type=int, default=64, help="requests that may wait; more get 503")
+    s.add_argument("--n-seq", type=int, default=4, help="parallel sequences per model, for n / best_of requests")
     s.add_argument("--log-level", default="info", choices=("critical", "error", "warning", "info", "debug"))
     p.set_defaults(func=cmd_serve)
 
 
 def cmd_serve(args) -> int:
     import uvicorn
-    from pathlib import Path
-
-    from .__main__ import load_models, parse_alpha
-    models = load_models(args, need_anti=args.method == "proxy")
-    blender = Blender(models["base"], models["guide"], anti=models["anti"], method=args.method, gamma=args.gamma,
-                      alpha=parse_alpha(args.alpha), beta=args.beta, lambda_=args.lambda_,
-                      max_intervention_rate=args.max_intervention_rate, lazy=not args.naive)
     for name in ("max_tokens_limit", "max_queue"):
         if getattr(args, name) < 1:
             raise ValueError(f"--{name.replace('_', '-')} must be >= 1")
-    model_id = args.model_name or "+".join(Path(m.path).stem for m in (models["base"], models["guide"]) if m)
+    if args.api_key is None and args.host not in ("127.0.0.1", "localhost", "::1"):
+        print(f"warning: serving on {args.host} without an API key: anyone who reaches it can use it "
+              "(set --api-key or BLENDIN_API_KEY)", file=sys.stderr)
+    blender = blender_from_args(args, log=sys.stderr, n_seq_max=args.n_seq)
+    model_id = args.model_name or "+".join(Path(m.path).stem for m in (blender.base, blender.guide) if m)
     defaults = dict(max_tokens=args.max_tokens, temperature=args.temperature, top_k=args.top_k, top_p=args.top_p,
                     min_p=args.min_p, seed=args.seed, stop=args.stop)
     server = Server(blender, model_id=model_id, defaults=defaults, api_key=args.api_key,
                     max_tokens_limit=args.max_tokens_limit, max_queue=args.max_queue)
-    uvicorn.run(create_app(server), host=args.host, port=args.port, log_level=args.log_level)
+    uvicorn.run(create_app(server), host=args.host, port=args.port, log_level=args.log_level,
+                timeout_graceful_shutdown=5)
     return 0
