@@ -5,6 +5,7 @@ import argparse
 import json
 import math
 import sys
+import time
 
 from . import demo
 
@@ -49,8 +50,11 @@ def parse_alpha(text: str) -> float | str:
         raise ValueError(f"--alpha must be a number in [0, 1] or 'auto', not {text!r}") from None
 
 
-def load_models(args, need_anti: bool = False):
-    """Load base, guide (and anti) as the arguments say; the demo pair fills what is not given."""
+def load_models(args, need_anti: bool = False, log=None, n_seq_max: int = 1):
+    """Load base, guide (and anti) as the arguments say; the demo pair fills what is not given.
+    With `log` (a stream), say what loads and how long it took ("loading base model X ... done
+    (1.2 s)"); a failure's "error: ..." then completes that line."""
+    from .alignment_vectors import runtime_adapters
     from .model import Model
     paths = {"base": args.base, "guide": args.guide, "anti": args.anti}
     if paths["base"] is None:
@@ -59,13 +63,24 @@ def load_models(args, need_anti: bool = False):
         paths["guide"] = demo.demo_path("guide")
     if paths["anti"] is None and need_anti and args.base is None:
         paths["anti"] = demo.demo_path("anti")
-    kw = dict(n_ctx=args.ctx, n_gpu_layers=args.n_gpu_layers, n_threads=args.threads, verbose=args.verbose)
-    return {role: Model(p, **kw) if p else None for role, p in paths.items()}
+    kw = dict(n_ctx=args.ctx, n_gpu_layers=args.n_gpu_layers, n_threads=args.threads, verbose=args.verbose,
+              n_seq_max=n_seq_max)
+    # Alignment Vectors (--av PATH:LAMBDA): LoRA adapters on the base, checked against it
+    av = {"adapters": runtime_adapters(args.av, paths["base"])} if getattr(args, "av", None) else {}
+    models = {}
+    for role, p in paths.items():
+        if log and p:
+            print(f"loading {role} model {p} ... ", end="", file=log, flush=True)
+            t0 = time.perf_counter()
+        models[role] = Model(p, **kw, **(av if role == "base" else {})) if p else None
+        if log and p:
+            print(f"done ({time.perf_counter() - t0:.1f} s)", file=log, flush=True)
+    return models
 
 
-def blender_from_args(args):
+def blender_from_args(args, log=None, n_seq_max: int = 1):
     from .blender import Blender
-    models = load_models(args, need_anti=args.method == "proxy")
+    models = load_models(args, need_anti=args.method == "proxy", log=log, n_seq_max=n_seq_max)
     return Blender(models["base"], models["guide"], anti=models["anti"], method=args.method, gamma=args.gamma,
                    alpha=parse_alpha(args.alpha), beta=args.beta, lambda_=args.lambda_,
                    max_intervention_rate=args.max_intervention_rate, lazy=not args.naive)
@@ -122,9 +137,13 @@ def build_parser() -> argparse.ArgumentParser:
     g.add_argument("--guide-prompt", help="the guide's exact prompt (default: its chat template around --prompt)")
     g.add_argument("--json", action="store_true", help="print one JSON object: text, tokens, stats")
     g.add_argument("--trace", action="store_true", help="with --json: add per-token diagnostics as 'steps'")
+    g.add_argument("--av", action="append", default=[], metavar="PATH:LAMBDA",
+                   help="an Alignment Vector (LoRA AV from `av extract --rank`) on the base, with its lambda (repeatable)")
     g.set_defaults(func=cmd_generate)
 
-    for name, module in (("chat", "chat"), ("eval", "evaluate"), ("serve", "server")):
+    from . import chat
+    chat.add_parser(sub)
+    for module in ("evaluate", "server", "best_of_n", "overlap", "alignment_vectors"):
         try:
             mod = __import__(f"blendin_cpp.{module}", fromlist=["add_parser"])
         except ImportError:
