@@ -3,6 +3,7 @@ helpers the subcommands share (model and blending flags, loading the models)."""
 from __future__ import annotations
 
 import argparse
+import os
 import json
 import math
 import sys
@@ -32,6 +33,9 @@ def add_blend_args(p: argparse.ArgumentParser) -> None:
     g.add_argument("--lambda", dest="lambda_", type=float, default=0.5, help="DeRa weight (> 1 extrapolates)")
     g.add_argument("--max-intervention-rate", type=float, default=None, help="cap on the share of steered tokens")
     g.add_argument("--naive", action="store_true", help="decode both models on every token (reference loop)")
+    g.add_argument("--speculative", action="store_true",
+                   help="the guide drafts, the base verifies a batch (same output, fewer base decodes)")
+    g.add_argument("--draft-max", type=int, default=8, help="longest speculative draft")
     s = p.add_argument_group("sampling")
     s.add_argument("--max-tokens", type=int, default=256)
     s.add_argument("--temperature", type=float, default=0.0, help="0 = greedy")
@@ -84,7 +88,8 @@ def blender_from_args(args, log=None, n_seq_max: int = 1):
     models = load_models(args, need_anti=args.method == "proxy", log=log, n_seq_max=n_seq_max)
     return Blender(models["base"], models["guide"], anti=models["anti"], method=args.method, gamma=args.gamma,
                    alpha=parse_alpha(args.alpha), beta=args.beta, lambda_=args.lambda_,
-                   max_intervention_rate=args.max_intervention_rate, lazy=not args.naive)
+                   max_intervention_rate=args.max_intervention_rate, lazy=not args.naive,
+                   speculative=getattr(args, "speculative", False), draft_max=getattr(args, "draft_max", 8))
 
 
 def sampling_kwargs(args) -> dict:
@@ -163,3 +168,6 @@ def main(argv: list[str] | None = None) -> int:
     except KeyboardInterrupt:
         print("\ninterrupted", file=sys.stderr)
         return 130
+    except BrokenPipeError:  # the reader went away (`... | head`): nothing left to say
+        os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())
+        return 0
