@@ -38,6 +38,7 @@ def test_cell_aggregates():
     r = c.row()
     assert r["accuracy"] == 0.5 and r["format_errors"] == 1 and r["content_errors"] == 0
     assert r["intervention_rate"] == pytest.approx(0.2) and r["mean_alpha"] == pytest.approx(0.5)
+    assert Cell().row()["mean_alpha"] is None
     assert r["tokens_per_s"] == pytest.approx(50)
     assert r["examples"][0]["failure"] == "format"
 

@@ -75,7 +75,7 @@ class Cell:
             "format_errors": self.format_errors,
             "content_errors": self.content_errors,
             "intervention_rate": self.interventions / self.tokens if self.tokens else 0.0,
-            "mean_alpha": self.alpha_sum / self.alpha_n if self.alpha_n else 0.0,
+            "mean_alpha": self.alpha_sum / self.alpha_n if self.alpha_n else None,  # None: no mixing weight
             "tokens_per_s": self.tokens / self.seconds if self.seconds else 0.0,
             "examples": self.examples,
         }
@@ -107,6 +107,9 @@ def evaluate(pairs: list[str], methods: list[str], questions: list[dict], *, gam
             continue
         rows = {}
         for method in methods:
+            if blender._engine.bridged and method in ("proxy", "dera"):
+                results["skipped"][f"{pair}/{method}"] = "needs a guide that shares the base's vocabulary"
+                continue
             if method == "base" and base_cell is not None:  # the base alone does not depend on the pair
                 rows[method] = base_cell.row()
                 continue
@@ -130,10 +133,11 @@ def format_table(results: dict) -> str:
         lines.append(f"pair: base + {PAIRS[pair]}")
         lines.append(f"  {'method':<13} {'accuracy':>8} {'format':>7} {'content':>8} {'interv.':>8} {'alpha':>6} {'tok/s':>8}")
         for method, r in rows.items():
+            alpha = "-" if r["mean_alpha"] is None else f"{r['mean_alpha']:.2f}"
             lines.append(f"  {method:<13} {r['accuracy']:>8.1%} {r['format_errors']:>7} {r['content_errors']:>8} "
-                         f"{r['intervention_rate']:>8.1%} {r['mean_alpha']:>6.2f} {r['tokens_per_s']:>8.0f}")
-    for pair, why in results["skipped"].items():
-        lines.append(f"pair: base + {PAIRS[pair]}: skipped ({why})")
+                         f"{r['intervention_rate']:>8.1%} {alpha:>6} {r['tokens_per_s']:>8.0f}")
+    for what, why in results["skipped"].items():
+        lines.append(f"skipped {what}: {why}")
     return "\n".join(lines)
 
 
