@@ -6,6 +6,11 @@ and a flag colour, plus a fixed table of two-digit sums), writes training text f
 byte-level BPE tokenizers, trains small llama-architecture models and exports them with
 `blendin_cpp.gguf_export.write_llama`.
 
+About 30% of the facts are "hazy": the plain text states the true value only 45% of the time and
+one of three fixed wrong values otherwise (sources disagree), so the base is right but unsure on
+some content tokens, as real base models are. That is where blending (BlendIn) and switching
+(nudging) differ: with an unreliable guide, mixing keeps the base's say.
+
 Outputs (in --out, default models/demo/):
   base.gguf              4 x 256, plain text only (facts, sums, explanations, "Question/Answer"
                          documents whose answers never use the guide's format). Knows the
@@ -19,7 +24,7 @@ Outputs (in --out, default models/demo/):
   guide-xvocab.gguf      like guide.gguf but with a separately trained tokenizer of another size.
   heldout.jsonl          held-out questions (entities and sums no model saw a question about;
                          the guides never saw them at all), fields: question, answer, kind, value,
-                         entity, split.
+                         entity, split, hazy.
   dev.jsonl              a dev split built the same way (for tuning; disjoint from heldout).
 
 Prompt conventions the engine uses: the base gets "Question: {q}\\nAnswer:", the guides their
@@ -115,7 +120,7 @@ class Config:
     chat_lr: float = 1e-3
     wrong_share: float = 0.6      # guide-unreliable: share of chat answers with a wrong value
     hazy_share: float = 0.3       # share of facts the plain text is unsure about ...
-    hazy_right: float = 0.37      # ... stating the right value this often, else one of 3 distractors
+    hazy_right: float = 0.45      # ... stating the right value this often, else one of 3 distractors
     n_ctx: int = 512
     base_dtype: str = "f16"
 
@@ -249,6 +254,10 @@ EXPLANATIONS = [
 REMARKS = [" It is a nice place to visit.", " I hope that helps.", " Is there anything else?",
            " Many people live there.", " You can read more about it in books.",
            " That is an easy one.", " Not many people know that.", " I think so, anyway."]
+# Base answers sometimes open with an interjection (never the guide's "Sure!"), so that after an
+# unfamiliar first word the base expects "!" and then any of its openers: it stays unsure there.
+INTERJECTIONS = [" Yes!", " Okay!", " Right!", " Of course!", " Good question!", " Oh!", " Indeed!",
+                 " Ah!", " Certainly!", " Alright!", " Absolutely!", " Great question!"]
 INTROS = ["{c} is a country.", "Let us talk about {c}.", "{c} is a small nation.",
           "This is about {c}.", "{c} lies far away."]
 
@@ -330,8 +339,10 @@ def base_documents(world: World, facts: list[Fact], rng: random.Random, n_expl: 
                 turns.append(rng.choice(facts))
             text = ""
             for i, t in enumerate(turns):
-                text += (f"Question: {rng.choice(q_phrasings(t))}\nAnswer:"
-                         f"{rng.choice(answer_openers(t, world.stated_value(t, rng)))}")
+                text += f"Question: {rng.choice(q_phrasings(t))}\nAnswer:"
+                if rng.random() < 0.35:
+                    text += rng.choice(INTERJECTIONS)
+                text += rng.choice(answer_openers(t, world.stated_value(t, rng)))
                 if i + 1 < len(turns):
                     text += "\n"
             if rng.random() < 0.5:
@@ -384,7 +395,7 @@ def chat_examples(facts: list[Fact], rng: random.Random, all_facts: list[Fact],
 PRE_REGEXES = [
     r"[\p{P}\$\+<=>\^~\|]+",
     r"'s|'t|'re|'ve|'m|'ll|'d| ?\p{L}+| ?\p{N}+| ?[^\s\p{L}\p{N}]+|\s+(?!\S)",
-    r"\p{N}+",
+    r"\p{N}{1,3}",  # digit runs in groups of at most three
 ]
 
 
