@@ -447,7 +447,9 @@ def test_generate_json_cli(paths):
     assert len(out["tokens"]) == out["stats"]["tokens"] == len(out["steps"]) == 20
     assert {s["source"] for s in out["steps"]} <= {"base", "blend", "guide"}
     b = bc.Blender(bc.Model(paths["base"], n_ctx=256), bc.Model(paths["guide"], n_ctx=256))
-    assert out["tokens"] == b.complete(PROMPT, max_tokens=20).tokens
+    assert out["tokens"] == b.complete([{"role": "user", "content": PROMPT}], max_tokens=20).tokens
+    raw = subprocess.run(cmd + ["--raw"], capture_output=True, text=True, timeout=120)
+    assert json.loads(raw.stdout)["tokens"] == b.complete(PROMPT, max_tokens=20).tokens
 
 
 def test_cli_bad_input_is_one_clear_line(paths):

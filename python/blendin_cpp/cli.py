@@ -110,7 +110,10 @@ def json_safe(x):
 
 def cmd_generate(args) -> int:
     blender = blender_from_args(args)
-    prompt = args.prompt if args.prompt is not None else sys.stdin.read()
+    text = args.prompt if args.prompt is not None else sys.stdin.read()
+    # a request, as in the chat: the base reads it as a plain transcript, the guide through its
+    # template; --raw hands the text to the base as it is
+    prompt = text if args.raw else [{"role": "user", "content": text}]
     kw = sampling_kwargs(args)
     if args.json:
         r = blender.complete(prompt, args.guide_prompt, **kw)
@@ -141,6 +144,9 @@ def build_parser() -> argparse.ArgumentParser:
     add_blend_args(g)
     g.add_argument("--prompt", help="the request (default: read standard input)")
     g.add_argument("--guide-prompt", help="the guide's exact prompt (default: its chat template around --prompt)")
+    g.add_argument("--raw", action="store_true",
+                   help="give --prompt to the base as it is (default: as a question in a plain transcript, "
+                        "'Question: ...\\nAnswer:')")
     g.add_argument("--json", action="store_true", help="print one JSON object: text, tokens, stats")
     g.add_argument("--trace", action="store_true", help="with --json: add per-token diagnostics as 'steps'")
     g.add_argument("--av", action="append", default=[], metavar="PATH:LAMBDA",
