@@ -185,6 +185,7 @@ class Model:
         return list(self._handle.adapter_scales())
 
     def set_adapter_scales(self, scales: Sequence[float]) -> None:
-        """Change the LoRA scales at run time (no reload). Cached tokens were computed with the
-        old scales: the engine re-reads its prompt after a change."""
+        """Change the LoRA scales at run time (no reload), e.g. Alignment Vector lambdas. Tokens
+        already in the KV cache were computed with the old scales and are not recomputed: call
+        `Blender.reset()` on blenders that use this model before their next generation."""
         self._handle.set_adapter_scales([float(s) for s in scales])

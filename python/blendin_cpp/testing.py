@@ -150,3 +150,41 @@ def random_llama(path: str | Path, *, n_vocab: int = 1024, n_embd: int = 64, n_l
                        chat_template=chat_template, dtype=dtype,
                        metadata={"blendin.generator": "blendin_cpp.testing.random_llama",
                                  "blendin.seed": seed})
+
+
+def read_llama(path: str | Path) -> tuple[LlamaShape, dict[str, np.ndarray], Tokenizer]:
+    """The shape, f32 tensors ((out, in) order) and tokenizer of a llama GGUF such as
+    `random_llama` writes, so that variants of it can be written with `write_llama`."""
+    from .alignment_vectors import GGUF
+    g = GGUF(path)
+    get = lambda key: g.get(f"llama.{key}")  # noqa: E731
+    tokens = g.get("tokenizer.ggml.tokens")
+    shape = LlamaShape(n_vocab=len(tokens), n_embd=get("embedding_length"), n_layer=get("block_count"),
+                       n_head=get("attention.head_count"), n_head_kv=get("attention.head_count_kv"),
+                       n_ff=get("feed_forward_length"), n_ctx=get("context_length"),
+                       rms_eps=get("attention.layer_norm_rms_epsilon"), rope_base=get("rope.freq_base"))
+    types = g.get("tokenizer.ggml.token_type")
+    tok = Tokenizer(tokens=tokens, types=types, merges=g.get("tokenizer.ggml.merges"),
+                    bos=g.get("tokenizer.ggml.bos_token_id"), eos=g.get("tokenizer.ggml.eos_token_id"),
+                    eot=g.get("tokenizer.ggml.eot_token_id"), add_bos=bool(g.get("tokenizer.ggml.add_bos_token", True)),
+                    special={t: i for i, t in enumerate(tokens) if types[i] == TOKEN_CONTROL})
+    return shape, {name: g.array(name) for name in g.tensors}, tok
+
+
+def perturbed_llama(path: str | Path, base: str | Path, *, scale: float = 0.05, rank: int | None = None,
+                    norms: bool = True, seed: int = 0, dtype: str = "f32") -> Path:
+    """Write `base` with perturbed weights, a stand-in for a fine-tune of it: every matrix W gets
+    `scale` * ||W||-relative noise (of rank `rank`, or full rank), norms too when `norms`."""
+    shape, tensors, tok = read_llama(base)
+    rng = np.random.default_rng(seed)
+    out = {}
+    for name, w in tensors.items():
+        if w.ndim == 1:
+            d = rng.standard_normal(w.shape) if norms else np.zeros_like(w)
+        elif rank is None:
+            d = rng.standard_normal(w.shape)
+        else:
+            d = rng.standard_normal((w.shape[0], rank)) @ rng.standard_normal((rank, w.shape[1]))
+        out[name] = (w + scale * np.linalg.norm(w) / max(np.linalg.norm(d), 1e-30) * d).astype(np.float32)
+    return write_llama(path, shape, out, tok, name=f"perturbed-{Path(base).stem}", dtype=dtype,
+                       chat_template=CHAT_TEMPLATE, metadata={"blendin.generator": "blendin_cpp.testing.perturbed_llama"})
