@@ -266,15 +266,30 @@ def test_cli_extract_apply_generate(files, capsys):
 
 
 def test_blender_after_a_scale_change(files):
-    """After set_adapter_scales a Blender must reset(): its cached prompt holds the old weights."""
+    """After set_adapter_scales the Blender notices that its cached prompt holds the old weights and
+    re-reads it (no reload, no explicit reset)."""
     merged = model(av.apply(files["base"], [(files["delta"], 1.0)], files["dir"] / "gen1.gguf"))
     want = bc.Blender(merged, None, method="base").complete("Hello there", max_tokens=12).tokens
     m = model(files["base"], adapters=[(files["lora_full"], 0.0)])
     blender = bc.Blender(m, None, method="base")
     before = blender.complete("Hello there", max_tokens=12).tokens
     m.set_adapter_scales([1.0])
-    blender.reset()
-    assert blender.complete("Hello there", max_tokens=12).tokens == want != before
+    after = blender.complete("Hello there", max_tokens=12)
+    assert after.tokens == want != before
+    assert after.stats["reused_tokens"]["base"] == 0
+
+
+def test_chat_set_av_turns_the_knob(files):
+    from blendin_cpp.chat import Chat
+    m = model(files["base"], adapters=[(files["lora_full"], 0.0)])
+    chat = Chat(bc.Blender(m, None, method="base"), sampling={"max_tokens": 8})
+    name = Path(files["lora_full"]).stem
+    chat.set("av", f"{name} 0.75")
+    assert m.adapter_scales() == [0.75] and chat.settings()["av"] == {name: 0.75}
+    for bad, words in ((f"{name}", "usage: /set av NAME LAMBDA"), ("other 1", "no Alignment Vector named 'other'"),
+                       (f"{name} nan", "finite")):
+        with pytest.raises(ValueError, match=words):
+            chat.set("av", bad)
 
 
 def test_train_av_end_to_end_tiny(tmp_path):
@@ -315,3 +330,31 @@ def test_bundled_avs_fit_the_demo_base():
     plain = m.logits(prompt)
     m.set_adapter_scales([1.0 if p.stem == "sums-avoid" else 0.0 for p in avs])
     assert np.abs(m.logits(prompt) - plain).max() > 0.1
+
+
+def test_server_av_scales(files):
+    """The server's av_scales field turns the knob per request; unknown names and non-finite values are 400s."""
+    import asyncio
+
+    import httpx
+
+    from blendin_cpp.server import Server, create_app
+
+    merged = model(av.apply(files["base"], [(files["delta"], 1.0)], files["dir"] / "srv1.gguf"))
+    want = bc.Blender(merged, None, method="base").complete("Hello there", max_tokens=8, method="base").text
+    m = model(files["base"], adapters=[(files["lora_full"], 0.0)])
+    server = Server(bc.Blender(m, None, method="base"), model_id="t",
+                    defaults=dict(max_tokens=8, temperature=0.0, top_k=0, top_p=1.0, min_p=0.0, seed=0, stop=[]))
+    name = Path(files["lora_full"]).stem
+
+    async def go():
+        transport = httpx.ASGITransport(app=create_app(server))
+        async with httpx.AsyncClient(transport=transport, base_url="http://t") as c:
+            on = await c.post("/v1/completions", json={"prompt": "Hello there", "av_scales": {name: 1.0}})
+            off = await c.post("/v1/completions", json={"prompt": "Hello there"})
+            bad = await c.post("/v1/completions", json={"prompt": "Hello there", "av_scales": {"nope": 1.0}})
+            return on, off, bad
+    on, off, bad = asyncio.run(go())
+    assert on.json()["choices"][0]["text"] == want
+    assert off.json()["choices"][0]["text"] != want and m.adapter_scales() == [0.0]
+    assert bad.status_code == 400 and bad.json()["error"]["param"] == "av_scales"

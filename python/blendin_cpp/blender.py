@@ -110,6 +110,10 @@ class Blender:
                        draft_max=draft_max, warn_intervention_rate=warn_intervention_rate)
         self.last_stats: dict = {}
         self._current = None
+        self._scales = self._adapter_scales()
+
+    def _adapter_scales(self) -> tuple:
+        return tuple(tuple(m.adapter_scales()) for m in (self.base, self.guide, self.anti) if m is not None)
 
     def configure(self, **settings) -> None:
         """Change the default blending settings (method, gamma, alpha, beta, lambda_,
@@ -215,6 +219,10 @@ class Blender:
         params = self.gen_params(max_tokens=max_tokens, temperature=temperature, top_k=top_k, top_p=top_p,
                                  min_p=min_p, seed=seed, stop=stop, top_logprobs=top_logprobs, settings=settings)
         base_tokens, guide_tokens = self.prompts(prompt, guide_prompt)
+        scales = self._adapter_scales()
+        if scales != self._scales:  # cached tokens were computed with the old adapter scales
+            self._engine.reset()
+            self._scales = scales
         self._engine.start(base_tokens, guide_tokens, params)
         run = object()
         self._current = run

@@ -43,7 +43,7 @@ Ctrl+D, or Ctrl+C twice at the prompt, leaves.
   /stats                the last answer's and the session's diagnostics, and the settings
   /set NAME VALUE       change a setting: gamma, alpha (a number or auto), beta, lambda,
                         max_intervention_rate (a number or none), temperature, top_p, top_k,
-                        min_p, seed, max_tokens
+                        min_p, seed, max_tokens; /set av NAME LAMBDA turns an Alignment Vector
   /method NAME          switch the method ({methods})
   /system [TEXT]        set the system prompt (without TEXT: remove it)
   /reset                start a new conversation
@@ -153,7 +153,14 @@ class Chat:
 
     def set(self, name: str, text: str) -> None:
         """Change one setting from its text form; ValueError (the message says why) if it is
-        unknown or out of range."""
+        unknown or out of range. `av NAME LAMBDA` turns an Alignment Vector's knob (--av)."""
+        if name == "av":
+            parts = text.split()
+            if len(parts) != 2:
+                loaded = ", ".join(self.blender.base.adapter_names) or "none: start the chat with --av PATH:LAMBDA"
+                raise ValueError(f"usage: /set av NAME LAMBDA (NAME: {loaded})")
+            self.set_av(*parts)
+            return
         if name in BLEND_SETTINGS:
             if name == "alpha":
                 value = parse_alpha(text)
@@ -171,10 +178,19 @@ class Chat:
         else:
             raise ValueError(f"unknown setting {name!r}; one of: {', '.join([*BLEND_SETTINGS, *SAMPLING])}")
 
+    def set_av(self, name: str, text: str) -> None:
+        base = self.blender.base
+        if name not in base.adapter_names:
+            raise ValueError(f"no Alignment Vector named {name!r}; loaded: {', '.join(base.adapter_names) or 'none'}")
+        scales = base.adapter_scales()
+        scales[base.adapter_names.index(name)] = _number("av lambda", text, float)
+        base.set_adapter_scales(scales)  # the blender re-reads its caches at the next turn
+
     def settings(self) -> dict:
         d = dict(self.blender.defaults)
         d["lambda"] = d.pop("lambda_")
-        return {**d, **self.sampling, "stop": self.stop, "system": self.system}
+        av = dict(zip(self.blender.base.adapter_names, self.blender.base.adapter_scales()))
+        return {**d, **self.sampling, "stop": self.stop, "system": self.system, **({"av": av} if av else {})}
 
     def reset(self) -> None:
         """Start a new conversation (the settings and the session statistics stay)."""

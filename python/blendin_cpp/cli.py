@@ -21,6 +21,9 @@ def add_model_args(p: argparse.ArgumentParser) -> None:
     g.add_argument("--n-gpu-layers", type=int, default=0, help="layers to offload to the GPU (-1 = all)")
     g.add_argument("--threads", type=int, default=None, help="CPU threads (default: all cores)")
     g.add_argument("--verbose", action="store_true", help="show llama.cpp's log")
+    g.add_argument("--av", action="append", default=[], metavar="PATH:LAMBDA",
+                   help="an Alignment Vector (a LoRA AV from `av extract --rank`) on the base, with its lambda "
+                        "(repeatable; the chat's /set av NAME VALUE and the server's av_scales turn it later)")
 
 
 def add_blend_args(p: argparse.ArgumentParser) -> None:
@@ -149,8 +152,6 @@ def build_parser() -> argparse.ArgumentParser:
                         "'Question: ...\\nAnswer:')")
     g.add_argument("--json", action="store_true", help="print one JSON object: text, tokens, stats")
     g.add_argument("--trace", action="store_true", help="with --json: add per-token diagnostics as 'steps'")
-    g.add_argument("--av", action="append", default=[], metavar="PATH:LAMBDA",
-                   help="an Alignment Vector (LoRA AV from `av extract --rank`) on the base, with its lambda (repeatable)")
     g.set_defaults(func=cmd_generate)
 
     from . import chat

@@ -62,6 +62,7 @@ class Model:
         if verbose:
             _core.set_verbose(True)
         self.path = str(Path(path))
+        self.adapter_names = [Path(a).stem for a, _ in adapter_list]  # one knob per adapter, by file stem
         self._handle = _core.Model(self.path, n_ctx or 0, n_batch, n_seq_max, n_gpu_layers,
                                    n_threads or 0, kv_type, adapter_list)
 

@@ -22,6 +22,7 @@ from __future__ import annotations
 import asyncio
 import hmac
 import json
+import math
 import os
 import sys
 import time
@@ -94,6 +95,8 @@ class _Request(BaseModel):
     max_intervention_rate: Optional[float] = Field(default=None, ge=0, le=1)
     top_k: Optional[int] = Field(default=None, ge=0)
     min_p: Optional[float] = Field(default=None, ge=0, le=1)
+    # Alignment Vector lambdas by name (the --av files' stems); the others keep their start-up value
+    av_scales: Optional[dict[str, float]] = None
 
 
 class TextPart(BaseModel):
@@ -211,11 +214,20 @@ class Slot:
             if await request.is_disconnected():
                 self._lock.release()
                 return None
-            steps = await self.call(partial(self.blender.generate, prompt, **kwargs))
+            steps = await self.call(partial(self.start, prompt, kwargs))
         except BaseException:
             self._lock.release()
             raise
         return Run(self, steps)
+
+    def start(self, prompt, kwargs: dict):
+        """Worker thread: set the request's Alignment Vector lambdas, then start its generation
+        (the Blender re-reads its caches when the scales changed)."""
+        kwargs = dict(kwargs)
+        scales = kwargs.pop("av_scales", None)
+        if scales is not None:
+            self.blender.base.set_adapter_scales(scales)
+        return self.blender.generate(prompt, **kwargs)
 
     def release(self, steps) -> None:
         """Give the models to the next request. The generator's close() is queued on the worker
@@ -269,6 +281,7 @@ class Server:
         self.max_tokens_limit = min(max_tokens_limit, self.n_ctx)
         self.slot = Slot(blender, max_queue)
         self.created = int(time.time())
+        self.av_defaults = blender.base.adapter_scales()  # the --av lambdas; requests override by name
 
     # --- request handling ----------------------------------------------------------------------
     def check_key(self, request) -> None:
@@ -324,6 +337,19 @@ class Server:
         for name in ("method", "gamma", "alpha", "beta", "lambda_", "max_intervention_rate"):
             if getattr(req, name) is not None:
                 kw[name] = getattr(req, name)
+        base = self.blender.base
+        if req.av_scales is not None or base.adapter_names:
+            scales = list(self.av_defaults)
+            for name, value in (req.av_scales or {}).items():
+                if name not in base.adapter_names:
+                    raise ApiError(400, f"no Alignment Vector named {name!r}; this server has: "
+                                   f"{', '.join(base.adapter_names) or 'none (start it with --av PATH:LAMBDA)'}",
+                                   param="av_scales", code="invalid_value")
+                if not math.isfinite(value):
+                    raise ApiError(400, f"av_scales[{name!r}] must be finite", param="av_scales",
+                                   code="invalid_value")
+                scales[base.adapter_names.index(name)] = value
+            kw["av_scales"] = scales
         if kw.get("method", self.blender.defaults["method"]) == "proxy" and self.blender.anti is None:
             raise ApiError(400, "method 'proxy' needs the anti model, which this server was not started with",
                            param="method", code="invalid_value")
@@ -341,8 +367,11 @@ class Server:
             raise ApiError(400, "best_of ranks by the implicit reward, which needs a guide", param="best_of")
         kw = {k: v for k, v in kwargs.items() if k != "top_logprobs"}
         seed = kw.pop("seed")
+        scales = kw.pop("av_scales", None)
 
         def run():
+            if scales is not None:
+                self.blender.base.set_adapter_scales(scales)
             cands = bon.generate_candidates(self.blender, prompt, total, seed=seed, **kw)
             rewards = bon.implicit_reward(self.blender)(prompt, cands) if req.best_of else [0.0] * total
             return cands, rewards
