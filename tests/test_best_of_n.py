@@ -15,15 +15,8 @@ PROMPT = "The capital of France is"
 
 
 @pytest.fixture(scope="module")
-def paths(model_dir, shared_tokenizer):
-    return {
-        "base": str(random_llama(model_dir / "b_base.gguf", n_embd=64, n_layer=2, seed=31, logit_std=5,
-                                 tokenizer=shared_tokenizer)),
-        "guide": str(random_llama(model_dir / "b_guide.gguf", n_embd=32, n_layer=1, n_head=2, seed=32,
-                                  logit_std=4, tokenizer=shared_tokenizer)),
-        "anti": str(random_llama(model_dir / "b_anti.gguf", n_embd=32, n_layer=1, n_head=2, seed=33,
-                                 logit_std=4, tokenizer=shared_tokenizer)),
-    }
+def paths(model_trio):
+    return model_trio("b", 31)
 
 
 @pytest.fixture(scope="module")

@@ -20,16 +20,8 @@ GAMMA = 0.4
 
 
 @pytest.fixture(scope="module")
-def paths(model_dir, shared_tokenizer):
-    # a confident-ish base (so that the gate sometimes keeps it) and two small, different guides
-    return {
-        "base": str(random_llama(model_dir / "e_base.gguf", n_embd=64, n_layer=2, seed=11, logit_std=5,
-                                 tokenizer=shared_tokenizer)),
-        "guide": str(random_llama(model_dir / "e_guide.gguf", n_embd=32, n_layer=1, n_head=2, seed=12,
-                                  logit_std=4, tokenizer=shared_tokenizer)),
-        "anti": str(random_llama(model_dir / "e_anti.gguf", n_embd=32, n_layer=1, n_head=2, seed=13,
-                                 logit_std=4, tokenizer=shared_tokenizer)),
-    }
+def paths(model_trio):
+    return model_trio("e", 11)
 
 
 @pytest.fixture(scope="module")

@@ -185,8 +185,8 @@ class Slot:
     async def call(self, fn, *args):
         return await asyncio.get_running_loop().run_in_executor(self._worker, fn, *args)
 
-    async def exclusive(self, fn):
-        """Wait for the models (FIFO), run fn() on the worker, give the models back."""
+    async def _acquire(self) -> None:
+        """Wait for the models, first come first served; 503 when too many already wait."""
         if self.waiting >= self.max_queue:
             raise ApiError(503, f"the server is busy ({self.waiting} requests waiting); retry later",
                            type="server_error", code="server_busy")
@@ -195,21 +195,18 @@ class Slot:
             await self._lock.acquire()
         finally:
             self.waiting -= 1
+
+    async def exclusive(self, fn):
+        """Wait for the models, run fn() on the worker, give the models back."""
+        await self._acquire()
         try:
             return await self.call(fn)
         finally:
             self._lock.release()
 
     async def open(self, request, prompt, kwargs: dict) -> "Run | None":
-        """Wait for the models (FIFO), then start the generation; None if the client left meanwhile."""
-        if self.waiting >= self.max_queue:
-            raise ApiError(503, f"the server is busy ({self.waiting} requests waiting); retry later",
-                           type="server_error", code="server_busy")
-        self.waiting += 1
-        try:
-            await self._lock.acquire()
-        finally:
-            self.waiting -= 1
+        """Wait for the models, then start the generation; None if the client left meanwhile."""
+        await self._acquire()
         try:
             if await request.is_disconnected():
                 self._lock.release()
