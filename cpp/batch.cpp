@@ -66,6 +66,7 @@ std::vector<Candidate> generate_candidates(Model& base, Model* guide, Model* ant
     const int nv = base.n_vocab();
     Policy probe(params.policy, nv);  // validates the parameters
     if (params.max_tokens <= 0) throw ValueError("max_tokens must be >= 1");
+    if (params.ignore_eos) throw ValueError("ignore_eos is not available for best-of-N candidates");
     const bool use_base = probe.uses_base(), use_guide = probe.uses_guide(), use_anti = probe.uses_anti();
     if (use_guide && !guide) throw ValueError("this method needs a guide model");
     if (use_anti && !anti) throw ValueError("method 'proxy' needs an anti model");

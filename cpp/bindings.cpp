@@ -148,7 +148,7 @@ NB_MODULE(_core, m) {
                             float lambda_, float max_intervention_rate, int overlap_k, float temperature, int top_k,
                             float top_p, float min_p, uint64_t seed, int max_tokens,
                             const std::vector<std::string>& stop, bool lazy, float warn_intervention_rate,
-                            int top_logprobs, bool speculative, int draft_max) {
+                            int top_logprobs, bool speculative, int draft_max, bool ignore_eos) {
                  blendin::GenParams p;
                  p.policy = {blendin::method_from_name(method), gamma, alpha, beta, lambda_, max_intervention_rate, overlap_k};
                  p.sampling = {temperature, top_k, top_p, min_p, seed};
@@ -159,11 +159,13 @@ NB_MODULE(_core, m) {
                  p.top_logprobs = top_logprobs;
                  p.speculative = speculative;
                  p.draft_max = draft_max;
+                 p.ignore_eos = ignore_eos;
                  new (self) blendin::GenParams(std::move(p));
              },
              "method"_a, "gamma"_a, "alpha"_a, "beta"_a, "lambda_"_a, "max_intervention_rate"_a, "overlap_k"_a,
              "temperature"_a, "top_k"_a, "top_p"_a, "min_p"_a, "seed"_a, "max_tokens"_a, "stop"_a, "lazy"_a,
-             "warn_intervention_rate"_a, "top_logprobs"_a = 0, "speculative"_a = false, "draft_max"_a = 8);
+             "warn_intervention_rate"_a, "top_logprobs"_a = 0, "speculative"_a = false, "draft_max"_a = 8,
+             "ignore_eos"_a = false);
 
     // One step as a tuple: (token, text bytes, source, pb_max, pg_max, alpha, agree, overlap,
     // intervened, finish_reason, logprob, top_logprobs, guide_rank, mass_above, unmatched) --

@@ -252,6 +252,19 @@ Engine::Decision Engine::decision(Token token, const StepInfo& info, const std::
     return d;
 }
 
+const std::vector<float>& Engine::without_eog(const std::vector<float>& p) {
+    if (!params_.ignore_eos) return p;
+    no_eog_ = p;
+    double sum = 0;
+    for (int i = 0; i < n_vocab_; ++i) {
+        if (eog_[i]) no_eog_[i] = 0;
+        sum += no_eog_[i];
+    }
+    if (!(sum > 0)) throw Error("ignore_eos: the policy gives all its probability to end tokens");
+    for (auto& x : no_eog_) x = static_cast<float>(x / sum);
+    return no_eog_;
+}
+
 // One token the plain way: gate on the base, consult the (lazy) guide if needed, combine, pick.
 Engine::Decision Engine::decide_one() {
     Track& base = tracks_[kBase];
@@ -262,7 +275,7 @@ Engine::Decision Engine::decide_one() {
     // word-level nudging: inside a nudged word the guide keeps writing until it starts a new word
     if (in_word_ && !guide_blocked()) {
         policy_.gate(nullptr, tokens_, interventions_, info);
-        const auto& p = policy_.combine(guide_logits(), nullptr, info);
+        const auto& p = without_eog(policy_.combine(guide_logits(), nullptr, info));
         info.unmatched = bridged() ? unmatched_ : 0.0f;
         Token t = sampler_.pick(p.data(), n_vocab_);
         if (!starts_word_[t]) {
@@ -277,7 +290,7 @@ Engine::Decision Engine::decide_one() {
     const float* la = nullptr;
     if (policy_.uses_guide() && (consult || naive)) lg = guide_logits();
     if (policy_.uses_anti() && (consult || naive)) la = anti.logits();
-    const auto& p = policy_.combine(consult ? lg : nullptr, la, info);
+    const auto& p = without_eog(policy_.combine(consult ? lg : nullptr, la, info));
     if (consult && lg) info.unmatched = bridged() ? unmatched_ : 0.0f;
     Token t = sampler_.pick(p.data(), n_vocab_);
     in_word_ = params_.policy.method == Method::NudgingWord && info.intervened;
@@ -285,7 +298,7 @@ Engine::Decision Engine::decide_one() {
 }
 
 bool Engine::can_speculate() const {
-    if (!params_.speculative || !params_.lazy || bridged()) return false;
+    if (!params_.speculative || !params_.lazy || bridged() || params_.ignore_eos) return false;
     switch (params_.policy.method) {
         case Method::Nudging: case Method::BlendIn: case Method::Ensemble: case Method::Proxy: case Method::DeRa:
             return true;

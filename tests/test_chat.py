@@ -9,6 +9,7 @@ import os
 import re
 import subprocess
 import sys
+import time
 
 import pytest
 
@@ -72,7 +73,7 @@ def screen(child) -> str:
 # ---- a person at a terminal ---------------------------------------------------------------------
 @needs_pty
 def test_terminal_session(pair):
-    child = spawn(pair, "--gamma", "0.9")
+    child = spawn(pair, "--gamma", "0.9", "--ctx", "16384")
     assert re.search(r"loading base model \S+ \.\.\. done \([\d.]+ s\)", screen(child))
     assert re.search(r"loading guide model \S+ \.\.\. done", screen(child))
 
@@ -98,10 +99,12 @@ def test_terminal_session(pair):
     child.expect(r"settings: method blendin, gamma 0.9")
     child.expect_exact(">>> ")
 
-    # Ctrl+C stops an answer and the chat goes on. A near-uniform sampler writes until an end token
-    # (about 500 tokens on average); should one end before the Ctrl+C arrives, try another seed.
+    # Ctrl+C stops an answer and the chat goes on. With end tokens ignored, the answer runs until
+    # max_tokens or half the (large) context: seconds, so the Ctrl+C lands inside it; should one
+    # still end first (a stop string), try another seed.
     child.sendline("/set max_tokens 100000")
     child.sendline("/set temperature 50")
+    child.sendline("/set ignore_eos 1")
     for seed in range(6):
         child.sendline(f"/set seed {seed}")
         child.expect_exact(f"seed = {seed}")
@@ -136,6 +139,7 @@ def test_terminal_session(pair):
 @needs_pty
 def test_ctrl_c_twice_or_ctrl_d_leaves(pair):
     child = spawn(pair)
+    time.sleep(0.3)  # let readline settle at the prompt, as a person's first keystroke would
     child.sendcontrol("c")
     child.expect(r"Ctrl\+C again or Ctrl\+D to leave")
     child.expect_exact(">>> ")

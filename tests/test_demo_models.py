@@ -44,3 +44,15 @@ def test_the_demo_pair_shows_the_papers_phenomenon_on_one_question():
     assert alone.strip() != q["answer"]
     blended = b.complete(msg, method="blendin", max_tokens=40)
     assert blended.stats["interventions"] > 0
+
+
+def test_ignore_eos_runs_to_max_tokens():
+    b = bc.Blender(bc.Model(demo.demo_path("base"), n_ctx=512, n_threads=1),
+                   bc.Model(demo.demo_path("guide"), n_ctx=512, n_threads=1))
+    msg = [{"role": "user", "content": "What is the capital of Gafashe?"}]
+    ends = b.complete(msg, max_tokens=40)
+    assert ends.finish_reason == "stop" and b.base.is_eog(ends.tokens[-1]) and len(ends.tokens) < 40
+    r = b.complete(msg, max_tokens=40, ignore_eos=True)
+    assert r.finish_reason == "length" and len(r.tokens) == 40
+    assert not any(b.base.is_eog(t) for t in r.tokens)
+    assert r.tokens[: len(ends.tokens) - 1] == ends.tokens[:-1]  # the same until the end token was due

@@ -174,14 +174,18 @@ class Blender:
     # --- generation ---------------------------------------------------------------------------
     def generate(self, prompt: str | Sequence[dict], guide_prompt: str | None = None, *, max_tokens: int = 256,
                  temperature: float = 0.0, top_k: int = 0, top_p: float = 1.0, min_p: float = 0.0,
-                 seed: int = 0, stop: Sequence[str] | str = (), top_logprobs: int = 0,
+                 seed: int = 0, stop: Sequence[str] | str = (), top_logprobs: int = 0, ignore_eos: bool = False,
                  **settings) -> Iterator[Step]:
         """Stream a generation, one Step per token (each `next()` is one C++ step with the GIL
         released). Step texts never split a UTF-8 character; concatenated they are the output.
-        `settings` override the blender's defaults for this call (method=, gamma=, ...).
+        `ignore_eos` gives end tokens probability 0 (generation then ends at max_tokens, a stop
+        string or a full context). `settings` override the blender's defaults for this call
+        (method=, gamma=, ...).
         Statistics of the finished generation are in `self.last_stats`."""
-        run = self._start(prompt, guide_prompt, max_tokens, temperature, top_k, top_p, min_p, seed, stop,
-                          top_logprobs, settings)
+        params = self.gen_params(max_tokens=max_tokens, temperature=temperature, top_k=top_k, top_p=top_p,
+                                 min_p=min_p, seed=seed, stop=stop, top_logprobs=top_logprobs, ignore_eos=ignore_eos,
+                                 settings=settings)
+        run = self._start(prompt, guide_prompt, params)
         return self._steps(run)
 
     def complete(self, prompt: str | Sequence[dict], guide_prompt: str | None = None, **kwargs) -> Completion:
@@ -196,7 +200,7 @@ class Blender:
         self._engine.reset()
 
     def gen_params(self, *, max_tokens=256, temperature=0.0, top_k=0, top_p=1.0, min_p=0.0, seed=0, stop=(),
-                   top_logprobs=0, settings=None) -> "_core.GenParams":
+                   top_logprobs=0, ignore_eos=False, settings=None) -> "_core.GenParams":
         """Validated parameters of one generation (the blender's defaults, overridden by `settings`)."""
         policy = self._policy_args({**self.defaults, **(settings or {})})
         if isinstance(stop, str):
@@ -212,12 +216,9 @@ class Blender:
             seed=_int("seed", seed, lo=0), max_tokens=_int("max_tokens", max_tokens, lo=1), stop=stop,
             lazy=policy["lazy"], warn_intervention_rate=policy["warn_intervention_rate"],
             top_logprobs=_int("top_logprobs", top_logprobs, lo=0), speculative=policy["speculative"],
-            draft_max=policy["draft_max"])
+            draft_max=policy["draft_max"], ignore_eos=bool(ignore_eos))
 
-    def _start(self, prompt, guide_prompt, max_tokens, temperature, top_k, top_p, min_p, seed, stop, top_logprobs,
-               settings):
-        params = self.gen_params(max_tokens=max_tokens, temperature=temperature, top_k=top_k, top_p=top_p,
-                                 min_p=min_p, seed=seed, stop=stop, top_logprobs=top_logprobs, settings=settings)
+    def _start(self, prompt, guide_prompt, params):
         base_tokens, guide_tokens = self.prompts(prompt, guide_prompt)
         scales = self._adapter_scales()
         if scales != self._scales:  # cached tokens were computed with the old adapter scales

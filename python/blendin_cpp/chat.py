@@ -32,7 +32,8 @@ BLEND_SETTINGS = {"gamma": "gamma", "alpha": "alpha", "beta": "beta", "lambda": 
 # value is refused at once rather than at the next answer
 SAMPLING = {"temperature": (float, ">= 0", lambda v: v >= 0), "top_p": (float, "in (0, 1]", lambda v: 0 < v <= 1),
             "top_k": (int, ">= 0 (0 = off)", lambda v: v >= 0), "min_p": (float, "in [0, 1)", lambda v: 0 <= v < 1),
-            "seed": (int, ">= 0", lambda v: v >= 0), "max_tokens": (int, ">= 1", lambda v: v >= 1)}
+            "seed": (int, ">= 0", lambda v: v >= 0), "max_tokens": (int, ">= 1", lambda v: v >= 1),
+            "ignore_eos": (int, "0 or 1", lambda v: v in (0, 1))}
 
 HELP = """\
 Type a message and press Enter. A line ending in \\ continues on the next line; text between
@@ -43,7 +44,8 @@ Ctrl+D, or Ctrl+C twice at the prompt, leaves.
   /stats                the last answer's and the session's diagnostics, and the settings
   /set NAME VALUE       change a setting: gamma, alpha (a number or auto), beta, lambda,
                         max_intervention_rate (a number or none), temperature, top_p, top_k,
-                        min_p, seed, max_tokens; /set av NAME LAMBDA turns an Alignment Vector
+                        min_p, seed, max_tokens, ignore_eos; /set av NAME LAMBDA turns an
+                        Alignment Vector
   /method NAME          switch the method ({methods})
   /system [TEXT]        set the system prompt (without TEXT: remove it)
   /reset                start a new conversation

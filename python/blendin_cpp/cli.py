@@ -47,6 +47,7 @@ def add_blend_args(p: argparse.ArgumentParser) -> None:
     s.add_argument("--min-p", type=float, default=0.0)
     s.add_argument("--seed", type=int, default=0)
     s.add_argument("--stop", action="append", default=[], help="stop string (repeatable)")
+    s.add_argument("--ignore-eos", action="store_true", help="never end on an end token (max-tokens ends it)")
 
 
 def parse_alpha(text: str) -> float | str:
@@ -97,7 +98,7 @@ def blender_from_args(args, log=None, n_seq_max: int = 1):
 
 def sampling_kwargs(args) -> dict:
     return dict(max_tokens=args.max_tokens, temperature=args.temperature, top_k=args.top_k, top_p=args.top_p,
-                min_p=args.min_p, seed=args.seed, stop=args.stop)
+                min_p=args.min_p, seed=args.seed, stop=args.stop, ignore_eos=args.ignore_eos)
 
 
 def json_safe(x):
