@@ -208,6 +208,8 @@ void Engine::start(const std::vector<Token>& base_prompt, const std::vector<Toke
     queue_pos_ = 0;
     draft_len_ = std::min(4, std::max(1, p.draft_max));
     drafted_ = accepted_ = 0;
+    spec_pause_ = 0;
+    accept_ema_ = 1.0;
 
     t_start_ = std::chrono::steady_clock::now();
     for (int r = 0; r < kRoles; ++r) {
@@ -234,10 +236,12 @@ bool Engine::step(Step& out) {
     if (queue_pos_ == queue_.size()) {
         queue_.clear();
         queue_pos_ = 0;
-        if (can_speculate())
+        if (can_speculate() && spec_pause_ == 0) {
             speculate();
-        else
+        } else {
             queue_.push_back(decide_one());
+            if (spec_pause_ > 0) --spec_pause_;
+        }
     }
     return emit(queue_[queue_pos_++], out);
 }
@@ -400,6 +404,13 @@ void Engine::speculate() {
         if (used(r)) tracks_[r].keep(before[r] + accepted);
     // adapt: a fully accepted draft may grow, a rejection shrinks to what was accepted
     draft_len_ = accepted == k ? std::min(2 * draft_len_, params_.draft_max) : std::max(1, accepted + 1);
+    // a draft that is mostly rejected costs more guide decodes than it saves base decodes: when
+    // the recent acceptance is low, decode plainly for a while, then try drafting again
+    accept_ema_ = 0.7 * accept_ema_ + 0.3 * (static_cast<double>(accepted) / k);
+    if (accept_ema_ < 0.5) {
+        spec_pause_ = 16;
+        accept_ema_ = 0.5;  // the next round starts neutral
+    }
 }
 
 bool Engine::emit(Decision& d, Step& out) {

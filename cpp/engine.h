@@ -117,6 +117,8 @@ private:
     std::vector<Decision> queue_;  // decided by a speculative round, not yet emitted
     size_t queue_pos_ = 0;
     int draft_len_ = 4;
+    int spec_pause_ = 0;       // plain steps left before drafting again
+    double accept_ema_ = 1.0;  // recent share of drafted tokens accepted
     long drafted_ = 0, accepted_ = 0;
     std::vector<std::vector<float>> guide_rows_, draft_q_;
     std::vector<float> base_row0_, anti_row0_, target_, no_eog_;
