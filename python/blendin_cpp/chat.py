@@ -9,6 +9,7 @@ from __future__ import annotations
 import json
 import math
 import os
+import signal
 import sys
 from dataclasses import dataclass
 from typing import Iterator
@@ -250,6 +251,9 @@ class Terminal:
     def run(self) -> int:
         if self.interactive:
             import readline  # noqa: F401  (line editing and history for input())
+            # Ctrl+C stops an answer: make sure it raises KeyboardInterrupt even when the chat was
+            # started with SIGINT ignored (a background job of a script inherits that)
+            signal.signal(signal.SIGINT, signal.default_int_handler)
             legend = ", ".join(self.paint(source, code) for source, code in COLORS.items())
             print(f"method {self.chat.blender.defaults['method']}; tokens by source: {legend}. "
                   "/help for commands, Ctrl+D to leave.", file=sys.stderr)
