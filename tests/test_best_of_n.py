@@ -143,3 +143,21 @@ def test_bon_cli_json_and_export(paths, tmp_path):
     rows = [json.loads(l) for l in out.read_text().splitlines()]
     assert len(rows) == 4 and set(rows[0]) >= {"prompt", "response", "raw", "calibrated", "transformed"}
     assert all(c["transformed"] == pytest.approx(np.exp(4 * c["calibrated"])) for c in rows)
+
+
+def test_reward_model_in_gguf_scores_through_batched_sequences(blender, paths):
+    """A reward language model (here a generated fixture): its per-token log-likelihood of each
+    response after the prompt, all candidates scored in one batched pass, equals llama-cpp-python's."""
+    judge = bc.Model(paths["anti"], n_ctx=512, kv_type="f32", n_threads=1, n_seq_max=4)
+    cands = bon.generate_candidates(blender, PROMPT, 3, seed=9, max_tokens=8, temperature=1.0, method="base")
+    got = bon.model_reward(judge)(PROMPT, cands)
+    ll = llama_cpp.Llama(paths["anti"], n_ctx=256, logits_all=True, verbose=False, type_k=0, type_v=0,
+                         flash_attn=True, n_threads=1)
+    head = judge.tokenize(PROMPT + "\n", add_special=True)
+    for c, g in zip(cands, got):
+        y = judge.tokenize(c.text, add_special=False)
+        ll.reset()
+        ll.eval(head + y)
+        rows = np.array(ll.scores[len(head) - 1: len(head) + len(y) - 1], dtype=np.float64)
+        lse = rows.max(1) + np.log(np.exp(rows - rows.max(1, keepdims=True)).sum(1))
+        assert g == pytest.approx(float((rows[np.arange(len(y)), y] - lse).mean()), abs=1e-3)
