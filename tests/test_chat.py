@@ -71,6 +71,12 @@ def screen(child) -> str:
 
 
 # ---- a person at a terminal ---------------------------------------------------------------------
+def left_cleanly(child) -> None:
+    child.expect(pexpect.EOF)
+    child.close()
+    assert child.exitstatus == 0
+
+
 @needs_pty
 def test_terminal_session(pair):
     child = spawn(pair, "--gamma", "0.9", "--ctx", "16384")
@@ -128,9 +134,7 @@ def test_terminal_session(pair):
     child.expect_exact(">>> ")
 
     child.sendline("/bye")
-    child.expect(pexpect.EOF)
-    child.close()
-    assert child.exitstatus == 0
+    left_cleanly(child)
     shown = screen(child)
     assert any(code in shown for code in COLOR_CODES), "no token was coloured by its source"
     assert "Traceback" not in shown
@@ -144,15 +148,11 @@ def test_ctrl_c_twice_or_ctrl_d_leaves(pair):
     child.expect(r"Ctrl\+C again or Ctrl\+D to leave")
     child.expect_exact(">>> ")
     child.sendcontrol("c")
-    child.expect(pexpect.EOF)
-    child.close()
-    assert child.exitstatus == 0
+    left_cleanly(child)
 
     child = spawn(pair)
     child.sendeof()
-    child.expect(pexpect.EOF)
-    child.close()
-    assert child.exitstatus == 0
+    left_cleanly(child)
 
 
 @needs_pty
