@@ -133,9 +133,12 @@ def test_lora_rank_error_table(files, structure, capsys):
     with capsys.disabled():
         print("\n" + "\n".join(lines))
     assert errors[64] < LORA_ATOL
-    assert errors[1] > errors[16] > errors[64]
     if structure.startswith("rank-4"):
-        assert errors[4] < LORA_ATOL
+        # from rank 4 on the adapter holds the whole delta: what is left is round-off, which does
+        # not shrink with the rank, so only rank 1 against rank 4 is an ordering
+        assert errors[1] > errors[4] and max(errors[r] for r in (4, 8, 16, 32, 64)) < LORA_ATOL
+    else:
+        assert errors[1] > errors[16] > errors[64]
 
 
 def test_runtime_scales_follow_the_merge(files):
