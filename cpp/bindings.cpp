@@ -3,11 +3,14 @@
 #include <nanobind/nanobind.h>
 #include <nanobind/ndarray.h>
 #include <nanobind/stl/map.h>
+#include <nanobind/stl/optional.h>
 #include <nanobind/stl/pair.h>
 #include <nanobind/stl/string.h>
 #include <nanobind/stl/vector.h>
 
+#include <cmath>
 #include <cstring>
+#include <optional>
 
 #include "batch.h"
 #include "engine.h"
@@ -18,12 +21,21 @@
 namespace nb = nanobind;
 using namespace nb::literals;
 using blendin::Engine;
+using blendin::GenParams;
 using blendin::Model;
 using blendin::Token;
 
 namespace {
 
 nb::bytes to_bytes(const std::string& s) { return nb::bytes(s.data(), s.size()); }
+
+// Generated text as str: models can write invalid UTF-8, which becomes U+FFFD.
+nb::str to_text(const std::string& s) {
+    return nb::steal<nb::str>(PyUnicode_DecodeUTF8(s.data(), static_cast<Py_ssize_t>(s.size()), "replace"));
+}
+
+// A diagnostic that was not computed is NaN in C++ and None in Python.
+std::optional<float> maybe(float x) { return std::isnan(x) ? std::nullopt : std::optional<float>(x); }
 
 // Logits rows as a fresh float32 numpy array of shape (rows, n_vocab) that owns its memory.
 nb::ndarray<nb::numpy, float, nb::ndim<2>> to_array(std::vector<float>&& v, size_t rows, size_t cols) {
@@ -32,8 +44,8 @@ nb::ndarray<nb::numpy, float, nb::ndim<2>> to_array(std::vector<float>&& v, size
     return nb::ndarray<nb::numpy, float, nb::ndim<2>>(data->data(), {rows, cols}, owner);
 }
 
-// Logits of every position of `tokens` for sequence 0, decoded from an empty cache (a helper for
-// tests and research; the engine never copies logits like this).
+// Logits of every position of `tokens` in sequence 0, decoded from an empty sequence (a helper
+// for tests and research; the engine never copies logits like this).
 std::vector<float> all_logits(Model& m, const std::vector<Token>& tokens) {
     m.check_tokens(tokens);
     if (tokens.empty()) throw blendin::ValueError("logits() needs at least one token");
@@ -42,16 +54,80 @@ std::vector<float> all_logits(Model& m, const std::vector<Token>& tokens) {
                                   std::to_string(m.n_ctx()));
     const size_t nv = m.n_vocab();
     std::vector<float> out(tokens.size() * nv);
-    m.truncate(-1, 0);
-    std::vector<blendin::BatchItem> batch;
-    for (size_t start = 0; start < tokens.size(); start += m.n_batch()) {
-        size_t end = std::min(tokens.size(), start + m.n_batch());
-        batch.clear();
-        for (size_t i = start; i < end; ++i) batch.push_back({tokens[i], static_cast<int>(i), 0, true});
-        m.decode(batch);
-        for (size_t i = start; i < end; ++i) std::memcpy(&out[i * nv], m.logits(static_cast<int>(i - start)), nv * sizeof(float));
-    }
+    std::vector<blendin::BatchItem> items;
+    for (Token t : tokens) items.push_back({t, 0, true});
+    m.truncate(0, 0);
+    m.decode_all(items, [&](size_t i, const float* row) { std::memcpy(&out[i * nv], row, nv * sizeof(float)); });
     return out;
+}
+
+// Model.decode from Python: positions are checked against what each sequence holds.
+void decode_at(Model& m, const std::vector<Token>& tokens, const std::vector<int>& pos, const std::vector<int>& seq,
+               const std::vector<bool>& want_logits) {
+    const size_t n = tokens.size();
+    if (pos.size() != n || seq.size() != n || want_logits.size() != n)
+        throw blendin::ValueError("tokens, positions, sequences and logits flags must have the same length");
+    std::vector<blendin::BatchItem> batch(n);
+    std::vector<size_t> next(m.n_seq_max());
+    for (int s = 0; s < m.n_seq_max(); ++s) next[s] = m.tokens(s).size();
+    for (size_t i = 0; i < n; ++i) {
+        if (seq[i] < 0 || seq[i] >= m.n_seq_max()) m.tokens(seq[i]);  // throws, naming the range
+        if (pos[i] != static_cast<int>(next[seq[i]]))
+            throw blendin::ValueError("token " + std::to_string(i) + " is at position " + std::to_string(pos[i]) +
+                                      ", but sequence " + std::to_string(seq[i]) + " holds " +
+                                      std::to_string(next[seq[i]]) +
+                                      " tokens: a sequence grows one position at a time (truncate first)");
+        ++next[seq[i]];
+        batch[i] = {tokens[i], seq[i], static_cast<bool>(want_logits[i])};
+    }
+    nb::gil_scoped_release release;
+    m.decode(batch);
+}
+
+const char* speculative_name(blendin::Speculative s) {
+    return s == blendin::Speculative::On ? "on" : s == blendin::Speculative::Auto ? "auto" : "off";
+}
+
+blendin::Speculative speculative_from(const std::string& s) {
+    if (s == "off") return blendin::Speculative::Off;
+    if (s == "on") return blendin::Speculative::On;
+    if (s == "auto") return blendin::Speculative::Auto;
+    throw blendin::ValueError("speculative must be 'off', 'on' or 'auto', not '" + s + "'");
+}
+
+blendin::Drafter drafter_from(const std::string& s) {
+    if (s == "guide") return blendin::Drafter::Guide;
+    if (s == "ngram") return blendin::Drafter::NGram;
+    throw blendin::ValueError("drafter must be 'guide' or 'ngram', not '" + s + "'");
+}
+
+template <class T>
+nb::dict by_role(const T (&per_role)[blendin::kRoles]) {
+    nb::dict d;
+    for (int r = 0; r < blendin::kRoles; ++r) d[blendin::role_name(r)] = per_role[r];
+    return d;
+}
+
+nb::dict stats_dict(const blendin::Stats& s) {
+    nb::dict d;
+    d["tokens"] = s.tokens;
+    d["interventions"] = s.interventions;
+    d["capped"] = s.capped;
+    d["drafted"] = s.drafted;
+    d["accepted"] = s.accepted;
+    d["acceptance_rate"] = s.acceptance_rate;
+    d["intervention_rate"] = s.intervention_rate;
+    d["mean_alpha"] = s.mean_alpha;
+    d["prompt_tokens"] = by_role(s.prompt_tokens);
+    d["reused_tokens"] = by_role(s.reused_tokens);
+    d["decode_calls"] = by_role(s.decode_calls);
+    d["decoded_tokens"] = by_role(s.decoded_tokens);
+    d["prefill_s"] = s.prefill_s;
+    d["generate_s"] = s.generate_s;
+    d["tokens_per_s"] = s.tokens_per_s;
+    d["finish_reason"] = s.finish_reason;
+    d["warning"] = s.warning;
+    return d;
 }
 
 }  // namespace
@@ -75,6 +151,13 @@ NB_MODULE(_core, m) {
         auto s = blendin::check_gguf(path);
         return nb::make_tuple(s.architecture, s.n_tensors, s.file_size);
     }, "path"_a, nb::call_guard<nb::gil_scoped_release>());
+    m.def("methods", &blendin::method_names, "The method names, in the core's order.");
+    m.def("param_ranges", [] {
+        nb::dict d;
+        for (const auto& r : blendin::param_ranges())
+            d[r.name.c_str()] = nb::make_tuple(r.lo, r.hi, r.lo_open, r.hi_open, r.integer, r.text());
+        return d;
+    }, "name -> (lo, hi, lo_open, hi_open, integer, text): the valid range of each numeric parameter.");
 
     nb::class_<Model>(m, "Model")
         .def("__init__", [](Model* self, const std::string& path, int n_ctx, int n_batch, int n_seq_max,
@@ -117,16 +200,8 @@ NB_MODULE(_core, m) {
              "token"_a, "special"_a)
         .def("meta", &Model::meta, "key"_a)
         .def("metadata", &Model::metadata)
-        .def("decode", [](Model& self, const std::vector<Token>& tokens, const std::vector<int>& pos,
-                          const std::vector<int>& seq, const std::vector<bool>& want_logits) {
-                 size_t n = tokens.size();
-                 if (pos.size() != n || seq.size() != n || want_logits.size() != n)
-                     throw blendin::ValueError("tokens, positions, sequences and logits flags must have the same length");
-                 std::vector<blendin::BatchItem> batch(n);
-                 for (size_t i = 0; i < n; ++i) batch[i] = {tokens[i], pos[i], seq[i], static_cast<bool>(want_logits[i])};
-                 nb::gil_scoped_release release;
-                 self.decode(batch);
-             }, "tokens"_a, "positions"_a, "sequences"_a, "logits"_a)
+        .def("tokens", &Model::tokens, "seq"_a, "What a sequence of the KV cache holds.")
+        .def("decode", &decode_at, "tokens"_a, "positions"_a, "sequences"_a, "logits"_a)
         .def("logits_row", [](const Model& self, int i) {
                  const float* row = self.logits(i);
                  return to_array(std::vector<float>(row, row + self.n_vocab()), 1, self.n_vocab());
@@ -139,37 +214,112 @@ NB_MODULE(_core, m) {
                  }
                  return to_array(std::move(v), tokens.size(), self.n_vocab());
              }, "tokens"_a)
-        .def("truncate", &Model::truncate, "seq"_a, "n_keep"_a)
+        .def("truncate", &Model::truncate, "seq"_a, "n_keep"_a, nb::call_guard<nb::gil_scoped_release>())
+        .def("copy_seq", &Model::copy_seq, "src"_a, "dst"_a, "n"_a, nb::call_guard<nb::gil_scoped_release>())
         .def("adapter_scales", &Model::adapter_scales)
         .def("set_adapter_scales", &Model::set_adapter_scales, "scales"_a, nb::call_guard<nb::gil_scoped_release>());
 
-    nb::class_<blendin::GenParams>(m, "GenParams")
-        .def("__init__", [](blendin::GenParams* self, const std::string& method, float gamma, float alpha, float beta,
-                            float lambda_, float max_intervention_rate, int overlap_k, float temperature, int top_k,
-                            float top_p, float min_p, uint64_t seed, int max_tokens,
-                            const std::vector<std::string>& stop, bool lazy, float warn_intervention_rate,
-                            int top_logprobs, bool speculative, int draft_max, bool ignore_eos) {
-                 blendin::GenParams p;
-                 p.policy = {blendin::method_from_name(method), gamma, alpha, beta, lambda_, max_intervention_rate, overlap_k};
-                 p.sampling = {temperature, top_k, top_p, min_p, seed};
-                 p.max_tokens = max_tokens;
-                 p.stop = stop;
-                 p.lazy = lazy;
-                 p.warn_intervention_rate = warn_intervention_rate;
-                 p.top_logprobs = top_logprobs;
-                 p.speculative = speculative;
-                 p.draft_max = draft_max;
-                 p.ignore_eos = ignore_eos;
-                 new (self) blendin::GenParams(std::move(p));
-             },
-             "method"_a, "gamma"_a, "alpha"_a, "beta"_a, "lambda_"_a, "max_intervention_rate"_a, "overlap_k"_a,
-             "temperature"_a, "top_k"_a, "top_p"_a, "min_p"_a, "seed"_a, "max_tokens"_a, "stop"_a, "lazy"_a,
-             "warn_intervention_rate"_a, "top_logprobs"_a = 0, "speculative"_a = false, "draft_max"_a = 8,
-             "ignore_eos"_a = false);
+    nb::class_<GenParams>(m, "GenParams", "The parameters of one generation (validated by validate(), and by start).")
+        .def(nb::init<>())
+        .def_prop_rw("method", [](const GenParams& p) { return std::string(blendin::method_name(p.policy.method)); },
+                     [](GenParams& p, const std::string& s) { p.policy.method = blendin::method_from_name(s); })
+        .def_prop_rw("gamma", [](const GenParams& p) { return p.policy.gamma; }, [](GenParams& p, float v) { p.policy.gamma = v; })
+        .def_prop_rw("alpha", [](const GenParams& p) { return p.policy.alpha; }, [](GenParams& p, float v) { p.policy.alpha = v; },
+                     "in [0, 1]; negative: auto")
+        .def_prop_rw("beta", [](const GenParams& p) { return p.policy.beta; }, [](GenParams& p, float v) { p.policy.beta = v; })
+        .def_prop_rw("lambda_", [](const GenParams& p) { return p.policy.lambda; }, [](GenParams& p, float v) { p.policy.lambda = v; })
+        .def_prop_rw("max_intervention_rate", [](const GenParams& p) { return p.policy.max_intervention_rate; },
+                     [](GenParams& p, float v) { p.policy.max_intervention_rate = v; })
+        .def_prop_rw("diagnostics", [](const GenParams& p) { return p.policy.diagnostics; },
+                     [](GenParams& p, bool v) { p.policy.diagnostics = v; })
+        .def_prop_rw("temperature", [](const GenParams& p) { return p.sampling.temperature; },
+                     [](GenParams& p, float v) { p.sampling.temperature = v; })
+        .def_prop_rw("top_k", [](const GenParams& p) { return p.sampling.top_k; }, [](GenParams& p, int v) { p.sampling.top_k = v; })
+        .def_prop_rw("top_p", [](const GenParams& p) { return p.sampling.top_p; }, [](GenParams& p, float v) { p.sampling.top_p = v; })
+        .def_prop_rw("min_p", [](const GenParams& p) { return p.sampling.min_p; }, [](GenParams& p, float v) { p.sampling.min_p = v; })
+        .def_prop_rw("seed", [](const GenParams& p) { return p.sampling.seed; },
+                     [](GenParams& p, nb::int_ v) {
+                         const unsigned long long seed = PyLong_AsUnsignedLongLong(v.ptr());
+                         if (PyErr_Occurred()) {  // negative or too big
+                             PyErr_Clear();
+                             throw blendin::ValueError("seed must be an integer " +
+                                                       blendin::param_range("seed").text() + " and below 2^64");
+                         }
+                         p.sampling.seed = seed;
+                     })
+        .def_rw("max_tokens", &GenParams::max_tokens)
+        .def_rw("stop", &GenParams::stop)
+        .def_rw("lazy", &GenParams::lazy)
+        .def_prop_rw("speculative", [](const GenParams& p) { return std::string(speculative_name(p.speculative)); },
+                     [](GenParams& p, const std::string& s) { p.speculative = speculative_from(s); })
+        .def_prop_rw("drafter", [](const GenParams& p) { return std::string(p.drafter == blendin::Drafter::NGram ? "ngram" : "guide"); },
+                     [](GenParams& p, const std::string& s) { p.drafter = drafter_from(s); })
+        .def_rw("draft_max", &GenParams::draft_max)
+        .def_rw("warn_intervention_rate", &GenParams::warn_intervention_rate)
+        .def_rw("top_logprobs", &GenParams::top_logprobs)
+        .def_rw("ignore_eos", &GenParams::ignore_eos)
+        .def("validate", [](const GenParams& p) { blendin::validate(p); });
 
-    // One step as a tuple: (token, text bytes, source, pb_max, pg_max, alpha, agree, overlap,
-    // intervened, finish_reason, logprob, top_logprobs, guide_rank, mass_above, unmatched) --
-    // cheaper than an object per token.
+    nb::class_<blendin::Step>(m, "Step",
+                              "One generated token and why it was chosen. `source` is \"base\" (the base alone), "
+                              "\"blend\" (a mixture) or \"guide\" (the guide alone); numbers are None where not computed.")
+        .def_prop_ro("token", [](const blendin::Step& s) { return s.token; })
+        .def_prop_ro("text", [](const blendin::Step& s) { return to_text(s.text); }, "the text this step releases")
+        .def_prop_ro("text_bytes", [](const blendin::Step& s) { return to_bytes(s.text); },
+                     "the same as bytes (a model may write invalid UTF-8, which `text` shows as U+FFFD)")
+        .def_prop_ro("source", [](const blendin::Step& s) { return blendin::source_name(s.info.source); })
+        .def_prop_ro("intervened", [](const blendin::Step& s) { return s.info.intervened; })
+        .def_prop_ro("capped", [](const blendin::Step& s) { return s.info.capped; })
+        .def_prop_ro("pb_max", [](const blendin::Step& s) { return maybe(s.info.pb_max); })
+        .def_prop_ro("pg_max", [](const blendin::Step& s) { return maybe(s.info.pg_max); })
+        .def_prop_ro("alpha", [](const blendin::Step& s) { return maybe(s.info.alpha); })
+        .def_prop_ro("agree", [](const blendin::Step& s) { return maybe(s.info.agree); })
+        .def_prop_ro("overlap", [](const blendin::Step& s) { return maybe(s.info.overlap); })
+        .def_prop_ro("guide_rank", [](const blendin::Step& s) {
+            return s.info.guide_rank ? std::optional<int>(s.info.guide_rank) : std::nullopt;
+        })
+        .def_prop_ro("mass_above", [](const blendin::Step& s) { return maybe(s.info.mass_above); })
+        .def_prop_ro("unmatched", [](const blendin::Step& s) { return maybe(s.info.unmatched); })
+        .def_prop_ro("logprob", [](const blendin::Step& s) { return s.logprob; },
+                     "log p(token) under the final distribution (temperature 1)")
+        .def_prop_ro("top_logprobs", [](const blendin::Step& s) { return s.top_logprobs; },
+                     "with top_logprobs=N: the N likeliest (token, logprob), best first")
+        .def_prop_ro("finish_reason", [](const blendin::Step& s) {
+            return s.finish_reason.empty() ? std::nullopt : std::optional<std::string>(s.finish_reason);
+        })
+        .def("as_dict", [](nb::handle self) {
+            nb::dict d;
+            for (const char* name : {"token", "text", "source", "pb_max", "pg_max", "alpha", "agree", "overlap",
+                                     "intervened", "finish_reason", "logprob", "top_logprobs", "guide_rank",
+                                     "mass_above", "unmatched"})
+                d[name] = self.attr(name);
+            return d;
+        }, "The fields as a dict (for JSON).")
+        .def("__repr__", [](nb::handle self) {
+            return nb::str("Step(token={}, text={!r}, source={!r})")
+                .format(self.attr("token"), self.attr("text"), self.attr("source"));
+        });
+
+    nb::class_<blendin::Stats>(m, "Stats", "The statistics of one generation (as_dict(): the JSON form).")
+        .def_ro("tokens", &blendin::Stats::tokens)
+        .def_ro("interventions", &blendin::Stats::interventions)
+        .def_ro("capped", &blendin::Stats::capped)
+        .def_ro("drafted", &blendin::Stats::drafted)
+        .def_ro("accepted", &blendin::Stats::accepted)
+        .def_ro("acceptance_rate", &blendin::Stats::acceptance_rate)
+        .def_ro("intervention_rate", &blendin::Stats::intervention_rate)
+        .def_ro("mean_alpha", &blendin::Stats::mean_alpha)
+        .def_ro("prefill_s", &blendin::Stats::prefill_s)
+        .def_ro("generate_s", &blendin::Stats::generate_s)
+        .def_ro("tokens_per_s", &blendin::Stats::tokens_per_s)
+        .def_ro("finish_reason", &blendin::Stats::finish_reason)
+        .def_ro("warning", &blendin::Stats::warning)
+        .def_prop_ro("prompt_tokens", [](const blendin::Stats& s) { return by_role(s.prompt_tokens); })
+        .def_prop_ro("reused_tokens", [](const blendin::Stats& s) { return by_role(s.reused_tokens); })
+        .def_prop_ro("decode_calls", [](const blendin::Stats& s) { return by_role(s.decode_calls); })
+        .def_prop_ro("decoded_tokens", [](const blendin::Stats& s) { return by_role(s.decoded_tokens); })
+        .def("as_dict", &stats_dict);
+
     nb::class_<Engine>(m, "Engine")
         .def(nb::init<Model*, Model*, Model*>(), "base"_a, "guide"_a.none(), "anti"_a.none(),
              nb::keep_alive<1, 2>(), nb::keep_alive<1, 3>(), nb::keep_alive<1, 4>(),
@@ -183,42 +333,9 @@ NB_MODULE(_core, m) {
                      nb::gil_scoped_release release;
                      more = self.step(s);
                  }
-                 if (!more) return nb::none();
-                 const auto& i = s.info;
-                 return nb::make_tuple(s.token, to_bytes(s.text), blendin::source_name(i.source), i.pb_max, i.pg_max,
-                                       i.alpha, i.agree, i.overlap, i.intervened, s.finish_reason, s.logprob,
-                                       s.top_logprobs, i.guide_rank, i.mass_above, i.unmatched);
+                 return more ? nb::cast(std::move(s)) : nb::none();
              })
-        .def("stats", [](const Engine& self) {
-                 blendin::Stats s = self.stats();
-                 nb::dict d;
-                 d["tokens"] = s.tokens;
-                 d["interventions"] = s.interventions;
-                 d["capped"] = s.capped;
-                 d["drafted"] = s.drafted;
-                 d["accepted"] = s.accepted;
-                 d["acceptance_rate"] = s.drafted ? static_cast<double>(s.accepted) / s.drafted : 0.0;
-                 d["intervention_rate"] = s.intervention_rate;
-                 d["mean_alpha"] = s.mean_alpha;
-                 const char* roles[] = {"base", "guide", "anti"};
-                 nb::dict prompt, reused, calls, decoded;
-                 for (int r = 0; r < blendin::kRoles; ++r) {
-                     prompt[roles[r]] = s.prompt_tokens[r];
-                     reused[roles[r]] = s.reused_tokens[r];
-                     calls[roles[r]] = s.decode_calls[r];
-                     decoded[roles[r]] = s.decoded_tokens[r];
-                 }
-                 d["prompt_tokens"] = prompt;
-                 d["reused_tokens"] = reused;
-                 d["decode_calls"] = calls;
-                 d["decoded_tokens"] = decoded;
-                 d["prefill_s"] = s.prefill_s;
-                 d["generate_s"] = s.generate_s;
-                 d["tokens_per_s"] = s.tokens_per_s;
-                 d["finish_reason"] = s.finish_reason;
-                 d["warning"] = s.warning;
-                 return d;
-             })
+        .def("stats", &Engine::stats)
         .def("reset", &Engine::reset, nb::call_guard<nb::gil_scoped_release>())
         .def_prop_ro("bridged", &Engine::bridged)
         .def("tokens", &Engine::tokens, "role"_a);
@@ -230,19 +347,15 @@ NB_MODULE(_core, m) {
         .def("map", &blendin::VocabBridge::map)
         .def("exact", &blendin::VocabBridge::exact);
 
-    m.def("generate_candidates", [](Model* base, Model* guide, Model* anti, const std::vector<Token>& base_prompt,
-                                    const std::vector<Token>& guide_prompt, const blendin::GenParams& params,
-                                    const std::vector<uint64_t>& seeds) {
-              std::vector<blendin::Candidate> cands;
-              {
-                  nb::gil_scoped_release release;
-                  cands = blendin::generate_candidates(*base, guide, anti, base_prompt, guide_prompt, params, seeds);
-              }
-              nb::list out;
-              for (auto& c : cands)
-                  out.append(nb::make_tuple(c.tokens, to_bytes(c.text), c.finish_reason, c.steps, c.interventions));
-              return out;
-          }, "base"_a, "guide"_a.none(), "anti"_a.none(), "base_prompt"_a, "guide_prompt"_a, "params"_a, "seeds"_a);
+    nb::class_<blendin::Candidate>(m, "Candidate")
+        .def_ro("tokens", &blendin::Candidate::tokens)
+        .def_prop_ro("text", [](const blendin::Candidate& c) { return to_text(c.text); })
+        .def_ro("finish_reason", &blendin::Candidate::finish_reason)
+        .def_ro("steps", &blendin::Candidate::steps)
+        .def_ro("interventions", &blendin::Candidate::interventions);
+
+    m.def("generate_candidates", &blendin::generate_candidates, "base"_a, "guide"_a.none(), "anti"_a.none(),
+          "base_prompt"_a, "guide_prompt"_a, "params"_a, "seeds"_a, nb::call_guard<nb::gil_scoped_release>());
     m.def("score_continuations", [](Model* model, const std::vector<Token>& prompt,
                                     const std::vector<std::vector<Token>>& continuations, bool normalize) {
               return blendin::score_continuations(*model, prompt, continuations, normalize);

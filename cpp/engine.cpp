@@ -12,84 +12,47 @@ const char* kRoleNames[kRoles] = {"base", "guide", "anti"};
 
 double seconds(std::chrono::steady_clock::duration d) { return std::chrono::duration<double>(d).count(); }
 
-// Length of the longest proper prefix of a stop string that `text` ends with (held back from the
-// stream until we know whether the stop string completes).
-size_t stop_prefix_held(const std::string& text, size_t from, const std::vector<std::string>& stops) {
-    size_t held = 0;
-    for (const auto& s : stops)
-        for (size_t len = std::min(s.size() - 1, text.size() - from); len > held; --len)
-            if (text.compare(text.size() - len, len, s, 0, len) == 0) {
-                held = len;
-                break;
-            }
-    return held;
+size_t common_prefix(const std::vector<Token>& a, const std::vector<Token>& b) {
+    return std::mismatch(a.begin(), a.end(), b.begin(), b.end()).first - a.begin();
 }
 
-// Move `end` back so that text[..end) does not end inside a UTF-8 character.
-size_t utf8_boundary(const std::string& text, size_t begin, size_t end) {
-    for (size_t back = 1; back <= 4 && back <= end - begin; ++back) {
-        unsigned char c = static_cast<unsigned char>(text[end - back]);
-        if ((c & 0xC0) == 0x80) continue;  // continuation byte: keep looking for the lead
-        size_t need = c < 0x80 ? 1 : (c >> 5) == 0x6 ? 2 : (c >> 4) == 0xE ? 3 : (c >> 3) == 0x1E ? 4 : 1;
-        return back < need ? end - back : end;
+// This thread holds the engine and its models for one call: another thread gets an Error.
+class Holding {
+public:
+    Holding(Lease& engine, Model* const* models) {
+        scopes_.push_back(std::make_unique<Lease::Scope>(engine, "this Blender"));
+        for (int r = 0; r < kRoles; ++r)
+            if (models[r]) scopes_.push_back(std::make_unique<Lease::Scope>(models[r]->lease(), models[r]->name()));
     }
-    return end;
-}
+
+private:
+    std::vector<std::unique_ptr<Lease::Scope>> scopes_;
+};
 }  // namespace
 
+const char* role_name(int role) { return kRoleNames[role]; }
+
 // ---- Track ----
-void Engine::Track::prefill(const std::vector<Token>& p) {
-    size_t common = 0;
-    while (common < cached.size() && common < p.size() && cached[common] == p[common]) ++common;
-    if (common == p.size()) --common;  // the last prompt token is decoded again for its logits
-    model->truncate(0, static_cast<int>(common));
-    cached.resize(common);
-    pending.assign(p.begin() + common, p.end());
-    reused = static_cast<long>(common);
-    prompt = static_cast<long>(p.size());
-}
-
-const float* Engine::Track::logits() {
-    if (!pending.empty()) {
-        int pos = static_cast<int>(cached.size());
-        // record first: if the decode fails, the cache is truncated back to `cached` next time
-        model->decode_run(pending.data(), static_cast<int>(pending.size()), pos, 0);
-        cached.insert(cached.end(), pending.begin(), pending.end());
-        pending.clear();
-    }
-    return model->logits(0);
-}
-
 std::vector<const float*> Engine::Track::verify(const std::vector<Token>& drafts, std::vector<float>& row0) {
-    std::vector<BatchItem> batch;
     std::vector<const float*> rows;
-    int pos = static_cast<int>(cached.size());
-    if (pending.empty()) {
-        const float* cur = model->logits(0);  // the last decode's row: copy it, the next decode replaces it
-        row0.assign(cur, cur + model->n_vocab());
+    std::vector<BatchItem> batch;
+    const size_t common = common_prefix(model->tokens(0), target);
+    const float* current = common == target.size() ? model->logits_after(0, common) : nullptr;
+    if (current) {
+        row0.assign(current, current + model->n_vocab());  // the next decode replaces it
+        rows.push_back(row0.data());
     } else {
-        model->decode_run(pending.data(), static_cast<int>(pending.size()) - 1, pos, 0, false);
-        pos += static_cast<int>(pending.size()) - 1;
-        batch.push_back({pending.back(), pos++, 0, true});
+        // everything unread but its last token first, then that token with the drafts
+        const size_t from = std::min(common, target.size() - 1);
+        model->truncate(0, static_cast<int>(from));
+        model->extend(0, target.data() + from, target.size() - 1 - from, false);
+        batch.push_back({target.back(), 0, true});
     }
-    for (Token d : drafts) batch.push_back({d, pos++, 0, true});
+    for (Token d : drafts) batch.push_back({d, 0, true});
     model->decode(batch);
-    if (pending.empty()) rows.push_back(row0.data());
     for (int i = 0; i < model->n_logits(); ++i) rows.push_back(model->logits(i));
-    cached.insert(cached.end(), pending.begin(), pending.end());
-    cached.insert(cached.end(), drafts.begin(), drafts.end());
-    pending.clear();
+    target.insert(target.end(), drafts.begin(), drafts.end());
     return rows;
-}
-
-void Engine::Track::keep(size_t n) {
-    if (n < cached.size()) {
-        model->truncate(0, static_cast<int>(n));
-        cached.resize(n);
-        pending.clear();
-    } else if (n < length()) {
-        pending.resize(n - cached.size());
-    }
 }
 
 // ---- Engine ----
@@ -107,19 +70,17 @@ Engine::Engine(Model* base, Model* guide, Model* anti) {
             throw ValueError("the base and the anti do not share a vocabulary: " + check.first_difference());
     }
     for (int r = 0; r < kRoles; ++r) tracks_[r].model = models[r];
-    eog_.resize(n_vocab_);
-    starts_word_.resize(n_vocab_);
-    for (Token t = 0; t < n_vocab_; ++t) {
-        // the final distribution lives on the base vocabulary, so its tokens decide
-        eog_[t] = base->is_eog(t) || (guide && !bridged() && guide->is_eog(t));
-        std::string piece = base->piece(t, false);
-        // a word starts at whitespace; control tokens (and empty pieces) end a word too
-        starts_word_[t] = piece.empty() || base->is_control(t) || std::isspace(static_cast<unsigned char>(piece[0]));
-    }
+    facts_ = std::make_unique<TokenFacts>(*base, guide && !bridged() ? guide : nullptr);
     if (bridged()) {
         guide_p_.resize(guide->n_vocab());
         guide_mapped_.resize(n_vocab_);
     }
+}
+
+bool Engine::used(int role) const {
+    if (!decoder_) return false;
+    const Policy& p = decoder_->policy();
+    return role == kBase ? p.uses_base() : role == kGuide ? p.uses_guide() : p.uses_anti();
 }
 
 // The guide's next-token logits on the base vocabulary. A guide with its own tokenizer reads
@@ -128,20 +89,10 @@ Engine::Engine(Model* base, Model* guide, Model* anti) {
 const float* Engine::guide_logits() {
     Track& g = tracks_[kGuide];
     if (!bridged()) return g.logits();
-    std::vector<Token> target = guide_prompt_;
-    std::vector<Token> text = g.model->tokenize(text_.substr(0, utf8_boundary(text_, 0, text_.size())), false, false);
-    target.insert(target.end(), text.begin(), text.end());
-    size_t common = 0;
-    const size_t have = g.length();
-    auto at = [&g](size_t i) { return i < g.cached.size() ? g.cached[i] : g.pending[i - g.cached.size()]; };
-    while (common < have && common < target.size() && at(common) == target[common]) ++common;
-    if (common == target.size() && common == have && g.pending.empty() && common > 0) {
-        // nothing new since the last decode: its logits are still current
-    } else {
-        if (common == target.size()) --common;  // re-read the last token for its logits
-        g.keep(common);
-        g.pending.insert(g.pending.end(), target.begin() + static_cast<long>(g.length()), target.end());
-    }
+    const std::string& text = decoder_->text();
+    std::vector<Token> read = g.model->tokenize(text.substr(0, decoder_->readable_text()), false, false);
+    g.target = guide_prompt_;
+    g.target.insert(g.target.end(), read.begin(), read.end());
     softmax(g.logits(), g.model->n_vocab(), guide_p_.data());
     unmatched_ = bridge_->map_log_probs(guide_p_.data(), guide_mapped_.data(), n_vocab_);
     return guide_mapped_.data();
@@ -149,64 +100,47 @@ const float* Engine::guide_logits() {
 
 std::vector<Token> Engine::tokens(int role) const {
     if (role < 0 || role >= kRoles) throw ValueError("role must be 0 (base), 1 (guide) or 2 (anti)");
-    std::vector<Token> out = tracks_[role].cached;
-    out.insert(out.end(), tracks_[role].pending.begin(), tracks_[role].pending.end());
-    return out;
+    return tracks_[role].target;
 }
 
-bool Engine::guide_blocked() const { return bridged() && utf8_boundary(text_, 0, text_.size()) != text_.size(); }
-
 void Engine::reset() {
-    for (auto& tr : tracks_) {
-        if (!tr.model) continue;
-        tr.model->truncate(-1, 0);
-        tr.cached.clear();
-        tr.pending.clear();
-    }
+    Model* models[kRoles] = {tracks_[kBase].model, tracks_[kGuide].model, tracks_[kAnti].model};
+    Holding hold(lease_, models);
+    for (auto& tr : tracks_)
+        if (tr.model) tr.model->truncate(-1, 0);
     active_ = false;
+    queue_.clear();
 }
 
 void Engine::start(const std::vector<Token>& base_prompt, const std::vector<Token>& guide_prompt, const GenParams& p) {
-    Policy policy(p.policy, n_vocab_);  // validates the parameters before anything changes
-    Sampler sampler(p.sampling);
-    if (p.max_tokens <= 0) throw ValueError("max_tokens must be >= 1");
-    if (p.top_logprobs < 0 || p.top_logprobs > 100) throw ValueError("top_logprobs must be in 0..100");
-    if (p.draft_max < 1 || p.draft_max > 64) throw ValueError("draft_max must be in 1..64");
-    for (auto& s : p.stop)
-        if (s.empty()) throw ValueError("stop strings must not be empty");
-    bool use[kRoles] = {policy.uses_base(), policy.uses_guide(), policy.uses_anti()};
+    Model* models[kRoles] = {tracks_[kBase].model, tracks_[kGuide].model, tracks_[kAnti].model};
+    Holding hold(lease_, models);
+    validate(p);
+    const Method m = p.policy.method;
+    const bool use[kRoles] = {uses_base(m), uses_guide(m), uses_anti(m)};
     const std::vector<Token>* prompts[kRoles] = {&base_prompt, &guide_prompt, &guide_prompt};
     for (int r = 0; r < kRoles; ++r) {
         if (!use[r]) continue;
-        Model* m = tracks_[r].model;
-        if (!m)
-            throw ValueError(std::string("method '") + method_name(p.policy.method) + "' needs a " + kRoleNames[r] +
-                             " model" + (r == kAnti ? " (the guide's untuned sibling, for proxy-tuning)" : ""));
+        Model* model = models[r];
+        if (!model)
+            throw ValueError(std::string("method '") + method_name(m) + "' needs a " + kRoleNames[r] + " model" +
+                             (r == kAnti ? " (the guide's untuned sibling, for proxy-tuning)" : ""));
         const auto& pr = *prompts[r];
         if (pr.empty()) throw ValueError(std::string("the ") + kRoleNames[r] + " prompt is empty");
-        m->check_tokens(pr);
-        if (static_cast<int>(pr.size()) >= m->n_ctx())
+        model->check_tokens(pr);
+        if (static_cast<int>(pr.size()) >= model->n_ctx())
             throw ValueError(std::string("the ") + kRoleNames[r] + " prompt has " + std::to_string(pr.size()) +
-                             " tokens, which leaves no room in its context of " + std::to_string(m->n_ctx()) +
+                             " tokens, which leaves no room in its context of " + std::to_string(model->n_ctx()) +
                              " tokens (shorten the prompt or raise n_ctx)");
     }
-    if (bridged() && (p.policy.method == Method::Proxy || p.policy.method == Method::DeRa))
-        throw ValueError(std::string("method '") + method_name(p.policy.method) +
+    if (bridged() && (m == Method::Proxy || m == Method::DeRa))
+        throw ValueError(std::string("method '") + method_name(m) +
                          "' combines logits token by token and needs a guide that shares the base's vocabulary: " +
                          bridge_->first_difference());
-    params_ = p;
-    policy_ = std::move(policy);
     guide_prompt_ = guide_prompt;
-    sampler_ = std::move(sampler);
-    tokens_ = interventions_ = capped_ = n_alpha_ = 0;
-    alpha_sum_ = 0;
-    text_.clear();
-    released_ = 0;
-    finish_reason_.clear();
-    in_word_ = false;
+    decoder_ = std::make_unique<Decoder>(p, *facts_, p.sampling.seed, bridged());
     queue_.clear();
-    queue_pos_ = 0;
-    draft_len_ = std::min(4, std::max(1, p.draft_max));
+    draft_len_ = std::min(4, p.draft_max);
     drafted_ = accepted_ = 0;
     spec_pause_ = 0;
     accept_ema_ = 1.0;
@@ -218,121 +152,98 @@ void Engine::start(const std::vector<Token>& base_prompt, const std::vector<Toke
         tr.calls0 = tr.model->decode_calls();
         tr.tokens0 = tr.model->decoded_tokens();
         tr.reused = tr.prompt = 0;
+        tr.target.clear();
         if (!use[r]) continue;
-        tr.prefill(*prompts[r]);
+        tr.target = *prompts[r];
+        tr.prompt = static_cast<long>(tr.target.size());
+        const size_t common = common_prefix(tr.model->tokens(0), tr.target);
+        const bool current = common == tr.target.size() && tr.model->logits_after(0, common);
+        tr.reused = static_cast<long>(std::min(common, tr.target.size() - (current ? 0 : 1)));
+        // the engine runs sequence 0: free the cells other sequences (best-of-N) left behind
+        for (int s = 1; s < tr.model->n_seq_max(); ++s) tr.model->truncate(s, 0);
         // the base is needed at once; a lazy guide reads its prompt the first time it is asked
-        if (r == kBase || !p.lazy) tr.logits();
+        if (r == kBase || !p.lazy) r == kGuide ? guide_logits() : tr.logits();
     }
     t_first_ = std::chrono::steady_clock::now();
     active_ = true;
 }
 
-bool Engine::used(int role) const {
-    return role == kBase ? policy_.uses_base() : role == kGuide ? policy_.uses_guide() : policy_.uses_anti();
-}
-
 bool Engine::step(Step& out) {
-    if (!active_) return false;
-    if (queue_pos_ == queue_.size()) {
-        queue_.clear();
-        queue_pos_ = 0;
+    Model* models[kRoles] = {tracks_[kBase].model, tracks_[kGuide].model, tracks_[kAnti].model};
+    Holding hold(lease_, models);
+    if (queue_.empty()) {
+        if (!active_) return false;
         if (can_speculate() && spec_pause_ == 0) {
             speculate();
         } else {
-            queue_.push_back(decide_one());
+            plain_step();
             if (spec_pause_ > 0) --spec_pause_;
         }
     }
-    return emit(queue_[queue_pos_++], out);
+    out = std::move(queue_.front());
+    queue_.pop_front();
+    return true;
 }
 
-Engine::Decision Engine::decision(Token token, const StepInfo& info, const std::vector<float>& p) const {
-    Decision d;
-    d.step.token = token;
-    d.step.info = info;
-    d.step.logprob = std::log(p[token]);
-    if (params_.top_logprobs > 0)
-        for (int i : top_k(p.data(), n_vocab_, params_.top_logprobs)) d.step.top_logprobs.emplace_back(i, std::log(p[i]));
-    return d;
-}
-
-const std::vector<float>& Engine::without_eog(const std::vector<float>& p) {
-    if (!params_.ignore_eos) return p;
-    no_eog_ = p;
-    double sum = 0;
-    for (int i = 0; i < n_vocab_; ++i) {
-        if (eog_[i]) no_eog_[i] = 0;
-        sum += no_eog_[i];
+// One token the plain way: a nudged word goes on, or the gate on the base consults the (lazy)
+// guide if needed; combine, pick, emit.
+void Engine::plain_step() {
+    Decoder& d = *decoder_;
+    if (!d.params().lazy)  // the naive loop: every model reads every token
+        for (int r = 0; r < kRoles; ++r)
+            if (used(r)) r == kGuide ? guide_logits() : tracks_[r].logits();
+    bool decided = false;
+    if (d.in_word()) {
+        const float* lg = guide_logits();
+        decided = d.continue_word(lg, unmatched());
     }
-    if (!(sum > 0)) throw Error("ignore_eos: the policy gives all its probability to end tokens");
-    for (auto& x : no_eog_) x = static_cast<float>(x / sum);
-    return no_eog_;
+    if (!decided) {
+        const float* lb = used(kBase) ? tracks_[kBase].logits() : nullptr;
+        const bool consult = d.gate(lb);
+        const float* lg = consult && used(kGuide) && !d.guide_read() ? guide_logits() : nullptr;
+        const float* la = consult && used(kAnti) ? tracks_[kAnti].logits() : nullptr;
+        d.decide(lg, la, unmatched());
+    }
+    emit(d.decided(), false);
 }
 
-// One token the plain way: gate on the base, consult the (lazy) guide if needed, combine, pick.
-Engine::Decision Engine::decide_one() {
-    Track& base = tracks_[kBase];
-    Track& guide = tracks_[kGuide];
-    Track& anti = tracks_[kAnti];
-    const bool naive = !params_.lazy;
-    StepInfo info;
-    // word-level nudging: inside a nudged word the guide keeps writing until it starts a new word
-    if (in_word_ && !guide_blocked()) {
-        policy_.gate(nullptr, tokens_, interventions_, info);
-        const auto& p = without_eog(policy_.combine(guide_logits(), nullptr, info));
-        info.unmatched = bridged() ? unmatched_ : 0.0f;
-        Token t = sampler_.pick(p.data(), n_vocab_);
-        if (!starts_word_[t]) {
-            if (naive) base.logits();
-            return decision(t, info, p);
-        }
+bool Engine::room() const {
+    for (int r = 0; r < kRoles; ++r) {
+        if (!used(r) || (r == kGuide && bridged())) continue;
+        if (static_cast<int>(tracks_[r].target.size()) >= tracks_[r].model->n_ctx()) return false;
     }
-    in_word_ = false;
-    const float* lb = policy_.uses_base() ? base.logits() : nullptr;
-    bool consult = policy_.gate(lb, tokens_, interventions_, info) && !(lb && guide_blocked());
-    const float* lg = nullptr;
-    const float* la = nullptr;
-    if (policy_.uses_guide() && (consult || naive)) lg = guide_logits();
-    if (policy_.uses_anti() && (consult || naive)) la = anti.logits();
-    const auto& p = without_eog(policy_.combine(consult ? lg : nullptr, la, info));
-    if (consult && lg) info.unmatched = bridged() ? unmatched_ : 0.0f;
-    Token t = sampler_.pick(p.data(), n_vocab_);
-    in_word_ = params_.policy.method == Method::NudgingWord && info.intervened;
-    return decision(t, info, p);
+    return true;
+}
+
+bool Engine::emit(Step& s, bool in_kv) {
+    const bool finished = decoder_->emit(s, in_kv || room());
+    if (!finished && !in_kv)
+        for (int r = 0; r < kRoles; ++r)
+            if (used(r) && !(r == kGuide && bridged())) tracks_[r].target.push_back(s.token);  // a bridged guide follows the text
+    queue_.push_back(std::move(s));
+    if (finished) {
+        active_ = false;
+        t_end_ = std::chrono::steady_clock::now();
+    }
+    return finished;
 }
 
 bool Engine::can_speculate() const {
-    if (!params_.speculative || !params_.lazy || bridged() || params_.ignore_eos) return false;
-    switch (params_.policy.method) {
+    const GenParams& p = decoder_->params();
+    if (p.speculative == Speculative::Off || !p.lazy || bridged()) return false;
+    switch (p.policy.method) {
         case Method::Nudging: case Method::BlendIn: case Method::Ensemble: case Method::Proxy: case Method::DeRa:
             return true;
-        default:  // base and guide alone need no second opinion; a nudged word is the guide's anyway
+        case Method::Base:  // the base alone verifies drafts looked up in its own context
+            return p.drafter == Drafter::NGram;
+        default:  // the guide alone needs no second opinion; a nudged word is the guide's anyway
             return false;
     }
 }
 
-// Speculative verification (DESIGN.md section 4): the guide drafts up to k tokens, the base (and
-// the anti) score them in one batch, and the policy decides each drafted position from both
-// models' logits there. Greedy: accept while the policy's argmax is the draft, then emit the
-// policy's own choice. Sampling: accept draft d with probability min(1, P(d)/Q(d)), else draw
-// from norm(max(0, P - Q)) (P: the policy's sampling distribution, Q: the guide's draft
-// distribution); each emitted token follows the policy exactly. All accepted: one bonus token.
-void Engine::speculate() {
-    Track& base = tracks_[kBase];
+std::vector<Token> Engine::draft_with_guide(int k) {
     Track& guide = tracks_[kGuide];
-    Track& anti = tracks_[kAnti];
-    const bool greedy = sampler_.greedy();
-    size_t before[kRoles];
-    for (int r = 0; r < kRoles; ++r) before[r] = tracks_[r].length();
-
-    int k = std::min(draft_len_, static_cast<int>(params_.max_tokens - tokens_) - 1);
-    for (int r = 0; r < kRoles; ++r)
-        if (used(r)) k = std::min(k, tracks_[r].model->n_ctx() - 1 - static_cast<int>(tracks_[r].length()));
-    k = std::min(k, base.model->n_batch() - 1);
-    if (k < 1) {
-        queue_.push_back(decide_one());
-        return;
-    }
+    Sampler& sampler = decoder_->sampler();
     if (guide_rows_.size() < static_cast<size_t>(k)) {
         guide_rows_.resize(k, std::vector<float>(n_vocab_));
         draft_q_.resize(k, std::vector<float>(n_vocab_));
@@ -340,72 +251,107 @@ void Engine::speculate() {
     std::vector<Token> drafts;
     for (int j = 0; j < k; ++j) {
         const float* lg = guide.logits();
-        std::copy(lg, lg + n_vocab_, guide_rows_[j].begin());
+        std::copy(lg, lg + n_vocab_, guide_rows_[j].begin());  // the next draft's decode replaces it
         Token d;
-        if (greedy) {
+        if (sampler.greedy()) {
             d = static_cast<Token>(std::max_element(lg, lg + n_vocab_) - lg);
         } else {
             softmax(lg, n_vocab_, draft_q_[j].data());
-            draft_q_[j] = sampler_.shape(draft_q_[j].data(), n_vocab_);
-            d = sampler_.draw(draft_q_[j].data(), n_vocab_);
+            draft_q_[j] = sampler.shape(draft_q_[j].data(), n_vocab_);
+            d = sampler.draw(draft_q_[j].data(), n_vocab_);
         }
         drafts.push_back(d);
-        guide.pending.push_back(d);
-        if (eog_[d]) break;
+        guide.target.push_back(d);
+        if (facts_->eog[d]) break;
     }
+    return drafts;
+}
+
+// Prompt lookup: the tokens that followed the latest earlier occurrence of the context's last
+// n-gram (n = 3, 2, 1), up to k of them. Free to compute; often right where text is copied.
+std::vector<Token> Engine::draft_from_context(int k) const {
+    const std::vector<Token>& ctx = tracks_[kBase].target;
+    const size_t len = ctx.size();
+    for (size_t n = std::min<size_t>(3, len - 1); n >= 1; --n) {
+        for (size_t start = len - n; start-- > 0;) {
+            if (!std::equal(ctx.begin() + start, ctx.begin() + start + n, ctx.end() - n)) continue;
+            const size_t from = start + n;
+            const size_t to = std::min(len, from + static_cast<size_t>(k));
+            std::vector<Token> drafts(ctx.begin() + from, ctx.begin() + to);
+            for (size_t i = 0; i < drafts.size(); ++i)
+                if (facts_->eog[drafts[i]]) {
+                    drafts.resize(i + 1);
+                    break;
+                }
+            return drafts;
+        }
+    }
+    return {};
+}
+
+// Speculative verification (DESIGN.md section 4): a drafter proposes up to k tokens, the base
+// (and the anti) score them in one batch, and the policy decides each drafted position from the
+// models' logits there (Decoder::verify). Accepted tokens are already in the caches; at the first
+// rejection the caches roll back and the policy's own choice is emitted. All accepted: the base's
+// extra row gives one more token.
+void Engine::speculate() {
+    Decoder& d = *decoder_;
+    const GenParams& p = d.params();
+    Track& base = tracks_[kBase];
+    Track& guide = tracks_[kGuide];
+    Track& anti = tracks_[kAnti];
+    size_t before[kRoles];
+    for (int r = 0; r < kRoles; ++r) before[r] = tracks_[r].target.size();
+
+    int k = std::min(draft_len_, static_cast<int>(p.max_tokens - d.tokens()) - 1);
+    for (int r = 0; r < kRoles; ++r)
+        if (used(r))
+            k = std::min({k, tracks_[r].model->n_ctx() - 1 - static_cast<int>(tracks_[r].target.size()),
+                          tracks_[r].model->n_batch() - 1});
+    const bool by_guide = p.drafter == Drafter::Guide;
+    std::vector<Token> drafts;
+    if (k >= 1) drafts = by_guide ? draft_with_guide(k) : draft_from_context(k);
+    if (drafts.empty()) return plain_step();
     k = static_cast<int>(drafts.size());
     std::vector<const float*> lb = base.verify(drafts, base_row0_);
-    std::vector<const float*> la;
+    std::vector<const float*> la, lg_ngram;
     if (used(kAnti)) la = anti.verify(drafts, anti_row0_);
+    // the guide's logits at drafted position j: kept while drafting, or read in one batch the
+    // first time the gate consults it (n-gram drafts)
+    auto guide_row = [&](int j) -> const float* {
+        if (by_guide) return j < k ? guide_rows_[j].data() : guide.logits();
+        if (lg_ngram.empty()) lg_ngram = guide.verify(drafts, guide_row0_);
+        return lg_ngram[j];
+    };
     drafted_ += k;
 
-    long t = tokens_, iv = interventions_;
     int accepted = 0;
-    for (int j = 0; j < k; ++j) {
-        StepInfo info;
-        bool consult = policy_.gate(lb[j], t, iv, info);
-        const auto& p = policy_.combine(consult ? guide_rows_[j].data() : nullptr,
-                                        consult && !la.empty() ? la[j] : nullptr, info);
-        const Token d = drafts[j];
-        Token choice = d;
-        bool accept;
-        if (greedy) {
-            choice = static_cast<Token>(std::max_element(p.begin(), p.end()) - p.begin());
-            accept = choice == d;
-        } else {
-            target_ = sampler_.shape(p.data(), n_vocab_);
-            const auto& q = draft_q_[j];
-            accept = sampler_.uniform() * q[d] < target_[d];  // probability min(1, P(d) / Q(d))
-            if (!accept) {
-                for (int i = 0; i < n_vocab_; ++i) target_[i] = std::max(0.0f, target_[i] - q[i]);
-                double sum = 0;
-                for (float x : target_) sum += x;
-                for (auto& x : target_) x = static_cast<float>(x / sum);
-                choice = sampler_.draw(target_.data(), n_vocab_);
-            }
+    bool finished = false;
+    for (int j = 0; j < k && !finished; ++j) {
+        const bool consult = d.gate(lb[j]);
+        Step s;
+        const bool accept = d.verify(consult && used(kGuide) ? guide_row(j) : nullptr,
+                                     consult && used(kAnti) ? la[j] : nullptr, drafts[j],
+                                     by_guide && !d.sampler().greedy() ? draft_q_[j].data() : nullptr, s);
+        if (!accept) {
+            for (int r = 0; r < kRoles; ++r)
+                if (used(r)) tracks_[r].target.resize(before[r] + accepted);
+            emit(s, false);
+            break;
         }
-        queue_.push_back(decision(choice, info, p));
-        queue_.back().in_kv = accept;
-        ++t;
-        iv += info.intervened;
-        if (!accept) break;
         ++accepted;
-        if (eog_[d]) break;
+        finished = emit(s, true);
     }
     accepted_ += accepted;
-    if (accepted == k && !eog_[drafts.back()]) {  // the bonus token after the last draft
-        StepInfo info;
-        bool consult = policy_.gate(lb[k], t, iv, info);
-        const auto& p = policy_.combine(consult ? guide.logits() : nullptr,
-                                        consult && !la.empty() ? la[k] : nullptr, info);
-        queue_.push_back(decision(sampler_.pick(p.data(), n_vocab_), info, p));
+    if (accepted == k && !finished) {  // the token after the last draft
+        const bool consult = d.gate(lb[k]);
+        d.decide(consult && used(kGuide) ? guide_row(k) : nullptr, consult && used(kAnti) ? la[k] : nullptr, 0.0f);
+        emit(d.decided(), false);
     }
-    for (int r = 0; r < kRoles; ++r)
-        if (used(r)) tracks_[r].keep(before[r] + accepted);
     // adapt: a fully accepted draft may grow, a rejection shrinks to what was accepted
-    draft_len_ = accepted == k ? std::min(2 * draft_len_, params_.draft_max) : std::max(1, accepted + 1);
-    // a draft that is mostly rejected costs more guide decodes than it saves base decodes: when
-    // the recent acceptance is low, decode plainly for a while, then try drafting again
+    draft_len_ = accepted == k ? std::min(2 * draft_len_, p.draft_max) : std::max(1, accepted + 1);
+    // a draft that is mostly rejected costs more decodes than it saves: when the recent
+    // acceptance is low, decode plainly for a while, then try drafting again
     accept_ema_ = 0.7 * accept_ema_ + 0.3 * (static_cast<double>(accepted) / k);
     if (accept_ema_ < 0.5) {
         spec_pause_ = 16;
@@ -413,78 +359,21 @@ void Engine::speculate() {
     }
 }
 
-bool Engine::emit(Decision& d, Step& out) {
-    out = std::move(d.step);
-    const StepInfo& info = out.info;
-    const Token token = out.token;
-    ++tokens_;
-    if (info.intervened) ++interventions_;
-    if (info.capped) ++capped_;
-    if (info.intervened && std::isfinite(info.alpha)) {
-        alpha_sum_ += info.alpha;
-        ++n_alpha_;
-    }
-    if (eog_[token]) {
-        finish("stop", out);
-        return true;
-    }
-    text_ += tracks_[kBase].model->piece(token, false);
-    // stop strings: the earliest match in the text not yet released ends the generation there
-    size_t cut = std::string::npos;
-    for (const auto& s : params_.stop) cut = std::min(cut, text_.find(s, released_));
-    if (cut != std::string::npos) {
-        text_.resize(cut);
-        finish("stop", out);
-        return true;
-    }
-    if (tokens_ >= params_.max_tokens) {
-        finish("length", out);
-        return true;
-    }
-    if (!d.in_kv) {
-        for (int r = 0; r < kRoles; ++r) {
-            if (!used(r) || (r == kGuide && bridged())) continue;  // a bridged guide follows the text
-            Track& tr = tracks_[r];
-            if (static_cast<int>(tr.length()) >= tr.model->n_ctx()) {
-                finish("context", out);
-                return true;
-            }
-            tr.pending.push_back(token);
-        }
-    }
-    release_text(out, false);
-    return true;
-}
-
-void Engine::release_text(Step& out, bool all) {
-    size_t end = text_.size();
-    if (!all) {
-        end -= stop_prefix_held(text_, released_, params_.stop);
-        end = utf8_boundary(text_, released_, end);
-    }
-    if (end > released_) {
-        out.text.append(text_, released_, end - released_);
-        released_ = end;
-    }
-}
-
-void Engine::finish(const std::string& reason, Step& out) {
-    release_text(out, true);
-    out.finish_reason = reason;
-    finish_reason_ = reason;
-    active_ = false;
-    t_end_ = std::chrono::steady_clock::now();
-}
-
 Stats Engine::stats() const {
     Stats s;
-    s.tokens = tokens_;
-    s.interventions = interventions_;
-    s.capped = capped_;
+    if (decoder_) {
+        const Decoder& d = *decoder_;
+        s.tokens = d.tokens();
+        s.interventions = d.interventions();
+        s.capped = d.capped();
+        s.intervention_rate = s.tokens ? static_cast<double>(s.interventions) / s.tokens : 0;
+        s.mean_alpha = d.mean_alpha();
+        s.finish_reason = d.finish_reason();
+        s.warning = d.warning();
+    }
     s.drafted = drafted_;
     s.accepted = accepted_;
-    s.intervention_rate = tokens_ ? static_cast<double>(interventions_) / tokens_ : 0;
-    s.mean_alpha = n_alpha_ ? alpha_sum_ / n_alpha_ : 0;
+    s.acceptance_rate = drafted_ ? static_cast<double>(accepted_) / drafted_ : 0;
     for (int r = 0; r < kRoles; ++r) {
         const Track& tr = tracks_[r];
         if (!tr.model) continue;
@@ -496,13 +385,7 @@ Stats Engine::stats() const {
     auto end = active_ ? std::chrono::steady_clock::now() : t_end_;
     s.prefill_s = seconds(t_first_ - t_start_);
     s.generate_s = seconds(end - t_first_);
-    s.tokens_per_s = s.generate_s > 0 ? tokens_ / s.generate_s : 0;
-    s.finish_reason = finish_reason_;
-    if (tokens_ >= 16 && s.intervention_rate > params_.warn_intervention_rate)
-        s.warning = "the guide wrote " + std::to_string(static_cast<int>(std::lround(100 * s.intervention_rate))) +
-                    "% of the tokens: the base is rarely confident here, so the guide's reliability decides the "
-                    "output (BlendIn's excessive-intervention signal). Consider a lower gamma, another guide, "
-                    "or max_intervention_rate.";
+    s.tokens_per_s = s.generate_s > 0 ? s.tokens / s.generate_s : 0;
     return s;
 }
 

@@ -125,6 +125,8 @@ Model::Model(const std::string& path, const ModelParams& p,
     }
     // llama.cpp may round the context up (to a multiple of 256); we keep the size asked for
     BLENDIN_CHECK(static_cast<int>(llama_n_ctx(ctx_)) >= n_ctx_);
+    batch_ = std::make_unique<llama_batch>(llama_batch_init(n_batch_, 0, 1));
+    seqs_.resize(n_seq_max_);
 
     try {
         for (auto& [apath, scale] : adapters) {
@@ -139,9 +141,11 @@ Model::Model(const std::string& path, const ModelParams& p,
             adapters_.push_back(a);
             scales_.push_back(scale);
         }
-        if (!adapters_.empty()) set_adapter_scales(scales_);
+        if (!adapters_.empty() && llama_set_adapters_lora(ctx_, adapters_.data(), adapters_.size(), scales_.data()) != 0)
+            throw Error("llama.cpp refused the adapter scales: " + take_errors());
     } catch (...) {
         for (auto* a : adapters_) llama_adapter_lora_free(a);
+        llama_batch_free(*batch_);
         llama_free(ctx_);
         llama_model_free(model_);
         throw;
@@ -150,6 +154,7 @@ Model::Model(const std::string& path, const ModelParams& p,
 
 Model::~Model() {
     for (auto* a : adapters_) llama_adapter_lora_free(a);
+    if (batch_) llama_batch_free(*batch_);
     if (ctx_) llama_free(ctx_);
     if (model_) llama_model_free(model_);
 }
@@ -161,6 +166,7 @@ Token Model::eot() const { return llama_vocab_eot(vocab_); }
 bool Model::add_bos() const { return llama_vocab_get_add_bos(vocab_); }
 bool Model::is_eog(Token t) const { return t >= 0 && t < n_vocab_ && llama_vocab_is_eog(vocab_, t); }
 bool Model::is_control(Token t) const { return t >= 0 && t < n_vocab_ && llama_vocab_is_control(vocab_, t); }
+bool Model::is_bpe() const { return llama_vocab_type(vocab_) == LLAMA_VOCAB_TYPE_BPE; }
 
 void Model::check_tokens(const std::vector<Token>& tokens) const {
     for (Token t : tokens)
@@ -210,6 +216,19 @@ std::string Model::piece(Token t, bool special) const {
     return big;
 }
 
+std::string_view Model::text_piece(Token t) const {
+    std::call_once(pieces_once_, [this] {
+        piece_end_.resize(n_vocab_);
+        for (Token i = 0; i < n_vocab_; ++i) {
+            pieces_ += piece(i, false);
+            piece_end_[i] = static_cast<uint32_t>(pieces_.size());
+        }
+    });
+    if (t < 0 || t >= n_vocab_) check_tokens({t});
+    const uint32_t begin = t == 0 ? 0 : piece_end_[t - 1];
+    return std::string_view(pieces_).substr(begin, piece_end_[t] - begin);
+}
+
 // ---- metadata ----
 std::string Model::meta(const std::string& key) const {
     return read_str([&](char* b, size_t n) { return llama_model_meta_val_str(model_, key.c_str(), b, n); });
@@ -240,80 +259,167 @@ uint64_t Model::model_size() const { return llama_model_size(model_); }
 int Model::n_ctx_train() const { return llama_model_n_ctx_train(model_); }
 int Model::n_embd() const { return llama_model_n_embd(model_); }
 
-// ---- decoding ----
+// ---- the KV cache ----
+void Model::check_seq(int seq) const {
+    if (seq < 0 || seq >= n_seq_max_)
+        throw ValueError("sequence " + std::to_string(seq) + " is outside 0.." + std::to_string(n_seq_max_ - 1) +
+                         " (the model was loaded with n_seq_max = " + std::to_string(n_seq_max_) + ")");
+}
+
+const std::vector<Token>& Model::tokens(int seq) const {
+    check_seq(seq);
+    return seqs_[seq];
+}
+
 void Model::decode(const std::vector<BatchItem>& items) {
+    Lease::Scope use(lease_, name());
     const int n = static_cast<int>(items.size());
     if (n == 0) return;
     if (n > n_batch_)
         throw ValueError("a batch of " + std::to_string(n) + " tokens exceeds n_batch = " + std::to_string(n_batch_));
-    llama_batch b = llama_batch_init(n, 0, 1);
-    n_out_ = 0;
+    // check everything before anything changes
+    std::vector<size_t> length(n_seq_max_);
+    for (int s = 0; s < n_seq_max_; ++s) length[s] = seqs_[s].size();
+    std::vector<size_t> next = length;
+    for (const BatchItem& it : items) {
+        if (it.token < 0 || it.token >= n_vocab_) check_tokens({it.token});  // throws, naming the vocabulary
+        check_seq(it.seq);
+        if (static_cast<int>(next[it.seq]) >= n_ctx_)
+            throw ValueError("cannot decode at position " + std::to_string(next[it.seq]) + ": the context of '" + path_ +
+                             "' holds " + std::to_string(n_ctx_) + " tokens (raise n_ctx)");
+        ++next[it.seq];
+    }
+    llama_batch& b = *batch_;
+    std::vector<std::pair<int, size_t>> rows;
+    next = length;
     for (int i = 0; i < n; ++i) {
         const BatchItem& it = items[i];
-        if (it.token < 0 || it.token >= n_vocab_) {
-            llama_batch_free(b);
-            check_tokens({it.token});
-        }
-        if (it.pos < 0 || it.pos >= n_ctx_) {
-            llama_batch_free(b);
-            throw ValueError("cannot decode at position " + std::to_string(it.pos) + ": the context of '" + path_ +
-                             "' holds " + std::to_string(n_ctx_) + " tokens (raise n_ctx)");
-        }
-        if (it.seq < 0 || it.seq >= n_seq_max_) {
-            llama_batch_free(b);
-            throw ValueError("sequence " + std::to_string(it.seq) + " is outside 0.." + std::to_string(n_seq_max_ - 1));
-        }
         b.token[i] = it.token;
-        b.pos[i] = it.pos;
+        b.pos[i] = static_cast<llama_pos>(next[it.seq]++);
         b.n_seq_id[i] = 1;
         b.seq_id[i][0] = it.seq;
         b.logits[i] = it.logits;
-        n_out_ += it.logits;
+        if (it.logits) rows.emplace_back(it.seq, next[it.seq]);
     }
     b.n_tokens = n;
+    rows_.clear();
     int rc = llama_decode(ctx_, b);
-    llama_batch_free(b);
     ++decode_calls_;
     decoded_tokens_ += n;
     if (rc != 0) {
-        n_out_ = 0;
+        // leave the cache as the record says it is: drop whatever part of the batch got in
+        for (int s = 0; s < n_seq_max_; ++s)
+            if (next[s] != length[s]) llama_memory_seq_rm(llama_get_memory(ctx_), s, static_cast<llama_pos>(length[s]), -1);
         std::string why = take_errors();
         if (rc == 1)
-            throw Error("the KV cache of '" + path_ + "' is full (n_ctx = " + std::to_string(n_ctx_) + ")");
+            throw Error("the KV cache of '" + path_ + "' is full: its " + std::to_string(n_ctx_) +
+                        " cells are shared by all sequences (raise n_ctx, or run fewer sequences at once)");
         throw Error("llama_decode failed with code " + std::to_string(rc) + (why.empty() ? "" : ": " + why));
+    }
+    for (const BatchItem& it : items) seqs_[it.seq].push_back(it.token);
+    rows_ = std::move(rows);
+}
+
+void Model::decode_all(const std::vector<BatchItem>& items, const std::function<void(size_t, const float*)>& on_row) {
+    Lease::Scope use(lease_, name());
+    std::vector<BatchItem> chunk;
+    for (size_t start = 0; start < items.size(); start += n_batch_) {
+        const size_t end = std::min(items.size(), start + n_batch_);
+        chunk.assign(items.begin() + start, items.begin() + end);
+        decode(chunk);
+        if (!on_row) continue;
+        int r = 0;
+        for (size_t i = start; i < end; ++i)
+            if (items[i].logits) on_row(i, logits(r++));
     }
 }
 
+void Model::extend(int seq, const Token* tokens, size_t n, bool logits_last) {
+    std::vector<BatchItem> items(n);
+    for (size_t i = 0; i < n; ++i) items[i] = {tokens[i], seq, logits_last && i + 1 == n};
+    decode_all(items);
+}
+
+const float* Model::sync(int seq, const std::vector<Token>& target) {
+    const float* out = nullptr;
+    sync_all({{seq, &target}}, [&](size_t, const float* row) { out = row; });
+    return out;  // the only row of the last decode (or of the one before): still valid
+}
+
+void Model::sync_all(const std::vector<SyncRequest>& requests, const std::function<void(size_t, const float*)>& on_row) {
+    Lease::Scope use(lease_, name());
+    std::vector<BatchItem> items;
+    std::vector<size_t> owner;  // request of each item that asks for logits
+    std::vector<char> seen(n_seq_max_);
+    for (size_t i = 0; i < requests.size(); ++i) {
+        const int seq = requests[i].seq;
+        const std::vector<Token>& target = *requests[i].target;
+        check_seq(seq);
+        BLENDIN_CHECK(!target.empty() && !seen[seq]);
+        seen[seq] = 1;
+        const std::vector<Token>& have = seqs_[seq];
+        size_t common = std::mismatch(have.begin(), have.end(), target.begin(), target.end()).first - have.begin();
+        if (common == target.size()) {
+            if (const float* row = logits_after(seq, common)) {
+                on_row(i, row);  // before any decode replaces it
+                continue;
+            }
+            --common;  // read the last token again for its logits
+        }
+        if (have.size() > common) truncate(seq, static_cast<int>(common));
+        for (size_t j = common; j < target.size(); ++j) {
+            items.push_back({target[j], seq, j + 1 == target.size()});
+            if (items.back().logits) owner.push_back(i);
+        }
+    }
+    size_t r = 0;
+    decode_all(items, [&](size_t, const float* row) { on_row(owner[r++], row); });
+}
+
 const float* Model::logits(int i) const {
-    if (i < 0 || i >= n_out_)
+    if (i < 0 || i >= n_logits())
         throw ValueError("logits row " + std::to_string(i) + " does not exist (the last decode produced " +
-                         std::to_string(n_out_) + " rows)");
-    const float* row = llama_get_logits_ith(ctx_, i - n_out_);  // negative: counted from the last output
+                         std::to_string(n_logits()) + " rows)");
+    const float* row = llama_get_logits_ith(ctx_, i - n_logits());  // negative: counted from the last output
     if (!row) throw Error("llama.cpp returned no logits for row " + std::to_string(i));
     return row;
 }
 
-void Model::decode_run(const Token* tokens, int n, int pos, int seq, bool logits_last) {
-    std::vector<BatchItem> batch;
-    for (int start = 0; start < n; start += n_batch_) {
-        int end = std::min(n, start + n_batch_);
-        batch.clear();
-        for (int i = start; i < end; ++i) batch.push_back({tokens[i], pos + i, seq, logits_last && i == n - 1});
-        decode(batch);
-    }
+const float* Model::logits_after(int seq, size_t n) const {
+    check_seq(seq);
+    if (seqs_[seq].size() != n) return nullptr;
+    for (int i = n_logits() - 1; i >= 0; --i)
+        if (rows_[i].first == seq && rows_[i].second == n) return logits(i);
+    return nullptr;
 }
 
 void Model::truncate(int seq, int n_keep) {
+    Lease::Scope use(lease_, name());
     if (n_keep < 0) throw ValueError("cannot keep a negative number of tokens");
+    if (seq >= 0) check_seq(seq);
     if (!llama_memory_seq_rm(llama_get_memory(ctx_), seq, n_keep, -1))
         throw Error("could not truncate the KV cache of sequence " + std::to_string(seq));
+    for (int s = 0; s < n_seq_max_; ++s)
+        if ((seq < 0 || s == seq) && seqs_[s].size() > static_cast<size_t>(n_keep)) {
+            seqs_[s].resize(n_keep);
+                }
+    // rows stay valid only for logits after tokens the sequence still holds
+    rows_.erase(std::remove_if(rows_.begin(), rows_.end(), [&](const auto& r) { return r.second > seqs_[r.first].size(); }),
+                rows_.end());
 }
 
 void Model::copy_seq(int src, int dst, int n) {
-    if (dst < 0 || dst >= n_seq_max_ || src < 0 || src >= n_seq_max_)
-        throw ValueError("sequence ids must be in 0.." + std::to_string(n_seq_max_ - 1));
+    Lease::Scope use(lease_, name());
+    check_seq(src);
+    check_seq(dst);
+    if (n < 0 || static_cast<size_t>(n) > seqs_[src].size())
+        throw ValueError("sequence " + std::to_string(src) + " holds " + std::to_string(seqs_[src].size()) +
+                         " tokens, cannot share " + std::to_string(n));
+    if (src == dst) return truncate(dst, n);
     llama_memory_seq_rm(llama_get_memory(ctx_), dst, -1, -1);
     llama_memory_seq_cp(llama_get_memory(ctx_), src, dst, 0, n);
+    seqs_[dst].assign(seqs_[src].begin(), seqs_[src].begin() + n);
+    rows_.erase(std::remove_if(rows_.begin(), rows_.end(), [&](const auto& r) { return r.first == dst; }), rows_.end());
 }
 
 void Model::set_adapter_scales(const std::vector<float>& scales) {
@@ -322,9 +428,12 @@ void Model::set_adapter_scales(const std::vector<float>& scales) {
                          std::to_string(scales.size()));
     for (float s : scales)
         if (!std::isfinite(s)) throw ValueError("adapter scales must be finite numbers");
-    scales_ = scales;
-    if (llama_set_adapters_lora(ctx_, adapters_.data(), adapters_.size(), scales_.data()) != 0)
+    Lease::Scope use(lease_, name());
+    if (scales == scales_) return;  // nothing changes: keep the cache
+    if (llama_set_adapters_lora(ctx_, adapters_.data(), adapters_.size(), const_cast<float*>(scales.data())) != 0)
         throw Error("llama.cpp refused the adapter scales: " + take_errors());
+    scales_ = scales;
+    truncate(-1, 0);  // the cache holds keys and values computed with the old weights
 }
 
 }  // namespace blendin

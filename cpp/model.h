@@ -1,18 +1,26 @@
 // RAII owner of one llama_model + llama_context: vocabulary, tokenizer, metadata, batched decode
-// with per-row logits, KV truncation per sequence, LoRA adapters with run-time scales.
-// Knows nothing about blending.
+// with per-row logits, LoRA adapters with run-time scales, and the record of what each sequence
+// of the KV cache holds (so that every user of the model derives its prefix reuse from one
+// truth). Knows nothing about blending.
 #pragma once
 
 #include <cstdint>
+#include <functional>
 #include <map>
+#include <memory>
+#include <mutex>
 #include <string>
+#include <string_view>
 #include <utility>
 #include <vector>
+
+#include "lease.h"
 
 struct llama_model;
 struct llama_context;
 struct llama_vocab;
 struct llama_adapter_lora;
+struct llama_batch;
 
 namespace blendin {
 
@@ -27,10 +35,10 @@ struct ModelParams {
     std::string kv_type = "f16";  // f16, f32 or q8_0 for the K and V caches
 };
 
-// One row of a batch: a token at a position of a sequence, with or without logits.
+// One row of a batch: the next token of a sequence (its position is the sequence's length, which
+// the Model knows), with or without logits.
 struct BatchItem {
     Token token;
-    int pos;
     int seq = 0;
     bool logits = false;
 };
@@ -51,10 +59,13 @@ public:
     bool add_bos() const;
     bool is_eog(Token t) const;
     bool is_control(Token t) const;
+    bool is_bpe() const;  // byte-level BPE with a pre-tokenizer (text splits into independent chunks)
     std::vector<Token> tokenize(const std::string& text, bool add_special, bool parse_special) const;
     std::string detokenize(const std::vector<Token>& tokens, bool remove_special = false,
                            bool unparse_special = false) const;
     std::string piece(Token t, bool special = false) const;  // raw bytes, possibly partial UTF-8
+    // The token's bytes as generated text (no control-token text), from a table built once.
+    std::string_view text_piece(Token t) const;
     void check_tokens(const std::vector<Token>& tokens) const;
 
     // metadata
@@ -73,32 +84,66 @@ public:
     int n_seq_max() const { return n_seq_max_; }
     int n_embd() const;
 
-    // decoding: logits(i) is the i-th row that asked for logits in the last decode
+    // ---- the KV cache: the Model alone records what each sequence holds ----
+    const std::vector<Token>& tokens(int seq) const;
+
+    // Decode one batch (at most n_batch items), each item appended to its sequence. logits(i) is
+    // the i-th row that asked for logits, until the next decode.
     void decode(const std::vector<BatchItem>& batch);
+    // Decode any number of items in chunks of n_batch; on_row(i, row) is called for every item i
+    // that asks for logits, while its row is valid. The last chunk's rows stay readable.
+    void decode_all(const std::vector<BatchItem>& items,
+                    const std::function<void(size_t, const float*)>& on_row = {});
+    // Append tokens to a sequence, with logits for the last one only (or none).
+    void extend(int seq, const Token* tokens, size_t n, bool logits_last = true);
+    // Make a sequence hold exactly `target` (keeping the longest common prefix it already holds;
+    // the last token is decoded again if its logits are gone) and return the logits after it.
+    const float* sync(int seq, const std::vector<Token>& target);
+    // The same for several sequences in one batched decode: on_row(i, row) gives request i's
+    // logits, valid during the call only.
+    struct SyncRequest {
+        int seq;
+        const std::vector<Token>* target;
+    };
+    void sync_all(const std::vector<SyncRequest>& requests, const std::function<void(size_t, const float*)>& on_row);
     const float* logits(int i) const;
-    int n_logits() const { return n_out_; }
-    // Decode a run of tokens of one sequence starting at `pos`, in chunks of n_batch, with
-    // logits for the last token only (prefill, catch-up) or for none.
-    void decode_run(const Token* tokens, int n, int pos, int seq = 0, bool logits_last = true);
-    void truncate(int seq, int n_keep);  // drop positions >= n_keep of a sequence (all if seq < 0)
-    void copy_seq(int src, int dst, int n);  // share positions [0, n) of src with dst
+    int n_logits() const { return static_cast<int>(rows_.size()); }
+    // The logits after the first n tokens of seq, if the last decode produced them and the
+    // sequence still holds exactly those n tokens; nullptr otherwise.
+    const float* logits_after(int seq, size_t n) const;
+    void truncate(int seq, int n_keep);      // drop positions >= n_keep of a sequence (all if seq < 0)
+    void copy_seq(int src, int dst, int n);  // dst holds the first n tokens of src (shared cells)
     long long decode_calls() const { return decode_calls_; }
     long long decoded_tokens() const { return decoded_tokens_; }
 
-    // LoRA adapters (Alignment Vectors): scales can change between decodes with no reload
+    // LoRA adapters (Alignment Vectors): scales can change between decodes with no reload. The
+    // KV cache was computed with the old weights, so a change clears it.
     int n_adapters() const { return static_cast<int>(adapters_.size()); }
     std::vector<float> adapter_scales() const { return scales_; }
     void set_adapter_scales(const std::vector<float>& scales);
 
+    // Held by whoever runs a sequence of calls that must not interleave with another thread's.
+    Lease& lease() { return lease_; }
+    std::string name() const { return "the model '" + path_ + "'"; }
+
 private:
+    void check_seq(int seq) const;
+
     std::string path_;
     llama_model* model_ = nullptr;
     llama_context* ctx_ = nullptr;
     const llama_vocab* vocab_ = nullptr;
+    std::unique_ptr<llama_batch> batch_;  // one llama_batch of n_batch rows, reused by every decode
     std::vector<llama_adapter_lora*> adapters_;
     std::vector<float> scales_;
-    int n_vocab_ = 0, n_ctx_ = 0, n_batch_ = 0, n_seq_max_ = 1, n_out_ = 0;
+    std::vector<std::vector<Token>> seqs_;   // what each sequence of the KV cache holds
+    std::vector<std::pair<int, size_t>> rows_;  // per logits row of the last decode: (seq, tokens before)
+    mutable std::string pieces_;              // text_piece table: all pieces, concatenated ...
+    mutable std::vector<uint32_t> piece_end_; // ... and where each ends
+    mutable std::once_flag pieces_once_;
+    int n_vocab_ = 0, n_ctx_ = 0, n_batch_ = 0, n_seq_max_ = 1;
     long long file_size_ = 0, decode_calls_ = 0, decoded_tokens_ = 0;
+    Lease lease_;
 };
 
 // Route llama.cpp's log to stderr (true) or drop it (false, the default). Errors are always kept

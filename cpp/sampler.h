@@ -6,15 +6,9 @@
 #include <random>
 #include <vector>
 
-namespace blendin {
+#include "params.h"
 
-struct SamplingParams {
-    float temperature = 0;  // 0 = argmax
-    int top_k = 0;          // 0 = off
-    float top_p = 1;        // 1 = off
-    float min_p = 0;        // 0 = off
-    uint64_t seed = 0;
-};
+namespace blendin {
 
 class Sampler {
 public:

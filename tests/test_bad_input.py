@@ -20,7 +20,10 @@ CHILD = textwrap.dedent(r'''
             elif action == "logits_oov":
                 m.logits([1, -3])
             elif action == "decode_past_ctx":
+                m.decode([1] * m.n_ctx, range(m.n_ctx))
                 m.decode([1], [m.n_ctx])
+            elif action == "decode_gap":
+                m.decode([1], [5])
             elif action == "logits_too_long":
                 m.logits([1] * (m.n_ctx + 1))
             out[name] = ["no error", ""]
@@ -71,6 +74,7 @@ def outcomes(bad_files, tiny_model):
         "detokenize_oov": [tiny_model, {"n_ctx": 32}, "detokenize_oov"],
         "logits_oov": [tiny_model, {"n_ctx": 32}, "logits_oov"],
         "decode_past_ctx": [tiny_model, {"n_ctx": 32}, "decode_past_ctx"],
+        "decode_gap": [tiny_model, {"n_ctx": 32}, "decode_gap"],
         "logits_too_long": [tiny_model, {"n_ctx": 32}, "logits_too_long"],
     }
     r = subprocess.run([sys.executable, "-c", CHILD, json.dumps(cases)], capture_output=True, text=True, timeout=120)
@@ -94,6 +98,7 @@ def outcomes(bad_files, tiny_model):
     ("detokenize_oov", "ValueError", ["outside the vocabulary", "1029"]),
     ("logits_oov", "ValueError", ["token -3 is outside the vocabulary"]),
     ("decode_past_ctx", "ValueError", ["position 32", "holds 32 tokens"]),
+    ("decode_gap", "ValueError", ["position 5", "sequence 0 holds 0 tokens"]),
     ("logits_too_long", "ValueError", ["33 tokens do not fit the context of 32"]),
 ])
 def test_bad_input_is_a_clear_exception(outcomes, case, exc, words):

@@ -142,7 +142,7 @@ def test_prompts_are_tokenized_like_llama_cpp(blender, paths):
 
 
 def test_diagnostics_follow_their_definitions(blender, paths):
-    r = blender.complete(PROMPT, max_tokens=30, method="blendin", gamma=0.6, top_logprobs=3)
+    r = blender.complete(PROMPT, max_tokens=30, method="blendin", gamma=0.6, top_logprobs=3, diagnostics=True)
     base_prompt, guide_prompt = blender.prompts(PROMPT)
     base, guide = RefModel(paths["base"], base_prompt), RefModel(paths["guide"], guide_prompt)
     alphas = []
@@ -171,6 +171,18 @@ def test_diagnostics_follow_their_definitions(blender, paths):
     assert st["tokens"] == 30 and st["interventions"] == len(alphas) > 0
     assert st["intervention_rate"] == pytest.approx(len(alphas) / 30)
     assert st["mean_alpha"] == pytest.approx(np.mean(alphas), abs=1e-5)
+
+
+def test_vocabulary_sized_diagnostics_only_when_asked(blender):
+    plain = blender.complete(PROMPT, max_tokens=30, method="blendin", gamma=0.6)
+    asked = blender.complete(PROMPT, max_tokens=30, method="blendin", gamma=0.6, diagnostics=True)
+    assert plain.tokens == asked.tokens
+    blended = [(a, b) for a, b in zip(plain.steps, asked.steps) if a.source == "blend"]
+    assert blended
+    for a, b in blended:
+        assert a.overlap is None and a.guide_rank is None and a.mass_above is None
+        assert b.overlap is not None and b.guide_rank >= 1 and 0 <= b.mass_above <= 1
+        assert a.alpha == b.alpha and a.pg_max == b.pg_max  # what the policy needs is always there
 
 
 # ---- degenerate cases -----------------------------------------------------------------------------
@@ -211,6 +223,26 @@ def test_intervention_cap_and_warning(blender):
     capped = blender.complete(PROMPT, max_tokens=64, method="blendin", gamma=0.9, max_intervention_rate=0.25)
     assert capped.stats["intervention_rate"] <= 0.25 + 1e-9
     assert capped.stats["capped"] > 0 and capped.stats["warning"] == ""
+
+
+@pytest.mark.parametrize("method", ["ensemble", "proxy", "dera"])
+def test_no_excessive_intervention_warning_where_every_token_consults_the_guide(blender, method):
+    """Ensemble, proxy and DeRa use the guide at every token by design: an intervention rate of 1
+    is their definition, not BlendIn's signal of an unreliable guide."""
+    r = blender.complete(PROMPT, max_tokens=32, method=method, beta=0.8)
+    assert r.stats["intervention_rate"] == 1.0 and r.stats["warning"] == ""
+
+
+@pytest.mark.parametrize("cap", [0.1, 0.25])
+def test_word_nudging_respects_the_intervention_cap(blender, cap):
+    """Inside a nudged word the guide keeps writing; the cap still counts every token it writes."""
+    free = blender.complete(PROMPT, max_tokens=64, method="nudging_word", gamma=0.9)
+    assert free.stats["intervention_rate"] > cap
+    r = blender.complete(PROMPT, max_tokens=64, method="nudging_word", gamma=0.9, max_intervention_rate=cap)
+    steps = r.steps
+    for i in range(len(steps)):  # at every point of the generation, not only at the end
+        assert sum(s.intervened for s in steps[: i + 1]) <= cap * (i + 1) + 1e-9
+    assert r.stats["capped"] > 0
 
 
 # ---- sampling -----------------------------------------------------------------------------------
@@ -279,15 +311,13 @@ def test_stream_never_splits_a_utf8_character(blender, models):
     n_chars = 0
     for seed in range(40):
         base_prompt, guide_prompt = blender.prompts("日本語と émoji 🎉 " + PROMPT)
-        params = bc._core.GenParams(method="blendin", gamma=0.5, alpha=-1, beta=1, lambda_=0.5,
-                                    max_intervention_rate=1, overlap_k=10, temperature=1.0, top_k=0, top_p=1,
-                                    min_p=0, seed=seed, max_tokens=100, stop=[], lazy=True,
-                                    warn_intervention_rate=0.5)
+        params = blender.gen_params(settings=dict(method="blendin", gamma=0.5), temperature=1.0, seed=seed,
+                                    max_tokens=100)
         engine.start(base_prompt, guide_prompt, params)
         chunks, tokens = [], []
         while (t := engine.step()) is not None:
-            tokens.append(t[0])
-            chunks.append(t[1])
+            tokens.append(t.token)
+            chunks.append(t.text_bytes)
         body = [t for t in tokens if not models["base"].is_eog(t)]
         assert b"".join(chunks) == models["base"].detokenize_bytes(body)
         # no boundary between two steps' texts falls inside a well-formed character
@@ -340,9 +370,7 @@ def test_gil_is_released_while_decoding(model_dir, shared_tokenizer):
     m = bc.Model(path, n_ctx=2048, n_batch=2048)
     b = bc.Blender(m, None, method="base")
     base_tokens, _ = b.prompts("word " * 350)  # about 1400 tokens
-    params = bc._core.GenParams(method="base", gamma=0.4, alpha=-1, beta=1, lambda_=0.5, max_intervention_rate=1,
-                                overlap_k=10, temperature=0, top_k=0, top_p=1, min_p=0, seed=0, max_tokens=1,
-                                stop=[], lazy=True, warn_intervention_rate=0.5)
+    params = b.gen_params(max_tokens=1)
     inside, done = threading.Event(), threading.Event()
 
     def prefill():
@@ -366,7 +394,7 @@ def test_gil_is_released_while_decoding(model_dir, shared_tokenizer):
         worker.join()
     finally:
         sys.setswitchinterval(interval)
-    assert b._engine.stats()["prompt_tokens"]["base"] == len(base_tokens)  # the call did the work
+    assert b._engine.stats().prompt_tokens["base"] == len(base_tokens)  # the call did the work
     assert count > 50_000, f"the main thread ran only {count} loop iterations during the prefill"
 
 
@@ -381,7 +409,14 @@ def test_gil_is_released_while_decoding(model_dir, shared_tokenizer):
     (dict(top_p=0.0), ValueError, "top_p"),
     (dict(max_tokens=0), ValueError, "max_tokens"),
     (dict(stop=[""]), ValueError, "stop"),
-    (dict(lambda_=float("inf")), ValueError, "lambda_"),
+    (dict(lambda_=float("inf")), ValueError, "lambda must be a finite number"),
+    (dict(seed=-1), ValueError, "seed must be an integer >= 0 and below 2"),
+    (dict(min_p=1.0), ValueError, r"min_p must be a number in \[0, 1\), got 1"),
+    (dict(top_logprobs=101), ValueError, r"top_logprobs must be an integer in \[0, 100\]"),
+    (dict(draft_max=0), ValueError, "draft_max"),
+    (dict(speculative="sometimes"), ValueError, "speculative must be False, True or 'auto'"),
+    (dict(drafter="oracle"), ValueError, "drafter must be 'guide' or 'ngram'"),
+    (dict(top_k=2.5), TypeError, "top_k must be an integer"),
 ], ids=lambda v: str(v) if isinstance(v, str) else None)
 def test_bad_parameters(blender, kwargs, exc, words):
     with pytest.raises(exc, match=words):

@@ -63,7 +63,8 @@ def test_openai_chat_completion(client, server):
     c = r.choices[0]
     assert c.message.role == "assistant" and c.message.content
     assert c.finish_reason in ("stop", "length")
-    assert r.usage.completion_tokens == r.model_extra["blend"]["tokens"] <= 24
+    # the end token is not a token of the text, so usage does not count it (blend's "tokens" does)
+    assert r.usage.completion_tokens == r.model_extra["blend"]["tokens"] - (c.finish_reason == "stop") <= 24
     assert r.usage.total_tokens == r.usage.prompt_tokens + r.usage.completion_tokens
     assert 0 <= r.model_extra["blend"]["intervention_rate"] <= 1
     assert r.model == client.models.list().data[0].id
@@ -95,9 +96,21 @@ def test_openai_streamed_chat_equals_plain(client):
     assert "".join(c.choices[0].delta.content or "" for c in chunks if c.choices) == whole.choices[0].message.content
     finals = [c for c in chunks if c.choices and c.choices[0].finish_reason]
     assert len(finals) == 1 and finals[0].choices[0].finish_reason == whole.choices[0].finish_reason
-    assert finals[0].model_extra["blend"]["tokens"] == whole.usage.completion_tokens
-    assert chunks[-1].usage.completion_tokens == whole.usage.completion_tokens
+    assert finals[0].model_extra["blend"]["tokens"] == whole.model_extra["blend"]["tokens"]
+    assert chunks[-1].usage == whole.usage
     assert len({c.id for c in chunks}) == 1
+
+
+def test_usage_counts_the_same_tokens_on_every_path(client):
+    """Plain, streamed and n-candidate answers count the text's tokens, never the end token."""
+    kw = dict(model="any", messages=CHAT, max_tokens=24)
+    whole = client.chat.completions.create(logprobs=True, **kw)
+    assert whole.choices[0].finish_reason == "stop"  # ended by the end token, which is not counted
+    assert whole.usage.completion_tokens == len(whole.choices[0].logprobs.content)  # one entry per text token
+    two = client.chat.completions.create(n=2, **kw)  # greedy: both candidates are the plain answer
+    assert [c.message.content for c in two.choices] == [whole.choices[0].message.content] * 2
+    assert two.usage.completion_tokens == 2 * whole.usage.completion_tokens
+    assert two.usage.prompt_tokens == whole.usage.prompt_tokens
 
 
 def test_openai_completion(client):
@@ -204,7 +217,7 @@ BAD = [
     ("n-streamed", CHAT_PATH, chat(n=2, stream=True), 400, "invalid_value", "stream"),
     ("best-of-below-n", COMPLETION_PATH, {**PROMPT, "n": 3, "best_of": 2}, 400, "invalid_value", "best_of"),
     ("top-logprobs-alone", CHAT_PATH, chat(top_logprobs=2), 400, "invalid_value", "top_logprobs"),
-    ("top-logprobs-too-many", CHAT_PATH, chat(logprobs=True, top_logprobs=50), 400, "invalid_value",
+    ("top-logprobs-too-many", CHAT_PATH, chat(logprobs=True, top_logprobs=101), 400, "invalid_value",
      "top_logprobs"),
     ("empty-stop-string", CHAT_PATH, chat(stop=[""]), 400, None, None),
     ("oversize-prompt", COMPLETION_PATH, {"prompt": "word " * 3000}, 400, "context_length_exceeded", "prompt"),

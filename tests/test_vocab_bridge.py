@@ -153,7 +153,7 @@ def test_word_level_nudging_across_vocabularies(blender):
 
 
 def test_overlap_diagnostics_are_reported(blender):
-    r = blender.complete(PROMPT, max_tokens=40, method="blendin", gamma=0.9)
+    r = blender.complete(PROMPT, max_tokens=40, method="blendin", gamma=0.9, diagnostics=True)
     blended = [s for s in r.steps if s.source == "blend"]
     assert blended and all(s.guide_rank >= 1 and 0 <= s.mass_above <= 1 and 0 <= s.unmatched <= 1 for s in blended)
     assert all(s.guide_rank is None for s in r.steps if s.source == "base")

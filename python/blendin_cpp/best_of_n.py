@@ -51,26 +51,20 @@ class BestOfN:
 
 def generate_candidates(blender: Blender, prompt, n: int, *, seed: int = 0, guide_prompt: str | None = None,
                         max_tokens: int = 128, temperature: float = 1.0, top_k: int = 0, top_p: float = 1.0,
-                        min_p: float = 0.0, stop: Sequence[str] = (), **settings) -> list[Candidate]:
+                        min_p: float = 0.0, stop: Sequence[str] = (), ignore_eos: bool = False,
+                        **settings) -> list[Candidate]:
     """n candidates with seeds seed, seed+1, ...: each equals `blender.complete(..., seed=seed+i)`.
-    They run as parallel sequences, as many at a time as the models' n_seq_max allows."""
+    They run as parallel sequences, as many at a time as the models' n_seq_max and context allow."""
     if isinstance(n, bool) or not isinstance(n, int) or n < 1:
         raise ValueError(f"n must be a positive integer, got {n!r}")
     params = blender.gen_params(max_tokens=max_tokens, temperature=temperature, top_k=top_k, top_p=top_p,
-                                min_p=min_p, seed=seed, stop=stop, settings=settings)
+                                min_p=min_p, seed=seed, stop=stop, ignore_eos=ignore_eos, settings=settings)
     base_tokens, guide_tokens = blender.prompts(prompt, guide_prompt)
     h = lambda m: m._handle if m is not None else None  # noqa: E731
-    width = min(m.n_seq_max for m in (blender.base, blender.guide, blender.anti) if m is not None)
-    rows = []
-    try:
-        for start in range(0, n, width):
-            seeds = [seed + i for i in range(start, min(n, start + width))]
-            rows += _core.generate_candidates(blender.base._handle, h(blender.guide), h(blender.anti), base_tokens,
-                                              guide_tokens, params, seeds)
-    finally:
-        blender.reset()  # the candidates used every sequence of the caches
-    return [Candidate(text=text.decode("utf-8", errors="replace"), tokens=list(tokens), finish_reason=reason,
-                      interventions=iv) for tokens, text, reason, _steps, iv in rows]
+    rows = _core.generate_candidates(blender.base._handle, h(blender.guide), h(blender.anti), base_tokens,
+                                     guide_tokens, params, [seed + i for i in range(n)])
+    return [Candidate(text=c.text, tokens=list(c.tokens), finish_reason=c.finish_reason, interventions=c.interventions)
+            for c in rows]
 
 
 # --- rewards ---------------------------------------------------------------------------------
@@ -86,11 +80,8 @@ def implicit_reward(blender: Blender, *, normalize: bool = False) -> Reward:
     def reward(prompt, cands):
         base_tokens, guide_tokens = blender.prompts(prompt)
         ys = [c.tokens for c in cands]
-        try:
-            g = _core.score_continuations(blender.guide._handle, guide_tokens, ys, normalize)
-            b = _core.score_continuations(blender.base._handle, base_tokens, ys, normalize)
-        finally:
-            blender.reset()
+        g = _core.score_continuations(blender.guide._handle, guide_tokens, ys, normalize)
+        b = _core.score_continuations(blender.base._handle, base_tokens, ys, normalize)
         return [gi - bi for gi, bi in zip(g, b)]
     return reward
 
@@ -138,28 +129,31 @@ def transform(values: np.ndarray, kind: str, t: float) -> np.ndarray:
     raise ValueError(f"unknown transform {kind!r}; choose one of {', '.join(TRANSFORMS)}")
 
 
-def select(transformed: np.ndarray, how: str, *, beta: float = 1.0, seed: int = 0) -> int:
+def select(transformed: np.ndarray, how: str, *, select_beta: float = 1.0, seed: int = 0) -> int:
     if how == "best":
         return int(np.argmax(transformed))
     if how == "worst":
         return int(np.argmin(transformed))
     if how == "sample":
-        if not beta > 0:
-            raise ValueError("beta must be > 0 for sampling")
-        logits = np.asarray(transformed, dtype=np.float64) / beta
+        if not select_beta > 0:
+            raise ValueError("select_beta must be > 0 for sampling")
+        logits = np.asarray(transformed, dtype=np.float64) / select_beta
         w = np.exp(logits - logits.max())
         return int(np.random.default_rng(seed).choice(len(w), p=w / w.sum()))
     raise ValueError(f"unknown selection {how!r}; choose one of {', '.join(SELECTIONS)}")
 
 
 class ReferenceCache:
-    """Reference rewards per prompt (the base policy's samples are costly: compute them once)."""
+    """Reference rewards per prompt (the base policy's samples are costly: compute them once).
+    An entry belongs to one reward function and one reference policy: the base Model with its
+    Alignment Vector scales at the time (the key holds the objects themselves, so that an id
+    cannot be reused by another)."""
 
     def __init__(self):
         self._cache: dict = {}
 
     def rewards(self, blender: Blender, prompt, reward: Reward, k: int, *, max_tokens: int, seed: int) -> list[float]:
-        key = (repr(prompt), id(reward), k, max_tokens, seed)
+        key = (repr(prompt), reward, blender.base, tuple(blender.base.adapter_scales()), k, max_tokens, seed)
         if key not in self._cache:
             # the reference policy: the base alone, sampled at temperature 1
             refs = generate_candidates(blender, prompt, k, seed=seed, max_tokens=max_tokens, temperature=1.0,
@@ -169,9 +163,11 @@ class ReferenceCache:
 
 
 def best_of_n(blender: Blender, prompt, *, n: int = 8, reward: Reward, calibrate_k: int = 0,
-              transform_kind: str = "exp", t: float = 4.0, selection: str = "best", beta: float = 1.0,
+              transform_kind: str = "exp", t: float = 4.0, selection: str = "best", select_beta: float = 1.0,
               seed: int = 0, max_tokens: int = 128, cache: ReferenceCache | None = None, **gen) -> BestOfN:
-    """Generate n candidates, score, (calibrate, transform) and select one."""
+    """Generate n candidates, score, (calibrate, transform) and select one. `select_beta` is the
+    temperature of selection="sample"; `gen` goes to the candidates' generation (method, beta
+    for proxy-tuning, temperature, ...)."""
     if transform_kind not in TRANSFORMS:
         raise ValueError(f"unknown transform {transform_kind!r}; choose one of {', '.join(TRANSFORMS)}")
     if selection not in SELECTIONS:
@@ -190,7 +186,8 @@ def best_of_n(blender: Blender, prompt, *, n: int = 8, reward: Reward, calibrate
     tr = transform(values, transform_kind, t)
     for c, r, v, x in zip(cands, raw, values, tr):
         c.raw, c.calibrated, c.transformed = float(r), float(v) if calibrate_k else math.nan, float(x)
-    return BestOfN(candidates=cands, chosen=select(tr, selection, beta=beta, seed=seed), reference_rewards=list(ref))
+    return BestOfN(candidates=cands, chosen=select(tr, selection, select_beta=select_beta, seed=seed),
+                   reference_rewards=list(ref))
 
 
 def win_rate(wins: Sequence[float]) -> tuple[float, float, float]:
@@ -226,7 +223,7 @@ def cmd_bon(args) -> int:
     blender = _blender(args)
     reward = reward_from_spec(blender, args.reward, args)
     r = best_of_n(blender, args.prompt, n=args.n, reward=reward, calibrate_k=args.calibrate,
-                  transform_kind=args.transform, t=args.t, selection=args.select, beta=args.select_beta,
+                  transform_kind=args.transform, t=args.t, selection=args.select, select_beta=args.select_beta,
                   seed=args.seed, max_tokens=args.max_tokens, temperature=args.temperature, top_k=args.top_k,
                   top_p=args.top_p, min_p=args.min_p, stop=args.stop)
     rows = [{"prompt": args.prompt, "response": c.text, "raw": c.raw, "calibrated": c.calibrated,
@@ -251,8 +248,6 @@ def cmd_bon(args) -> int:
 def cmd_winrate(args) -> int:
     import json
     from pathlib import Path
-
-    from .chat_template import check_messages  # noqa: F401  (prompts are plain questions)
 
     blender = _blender(args)
     reward = reward_from_spec(blender, args.reward, args)

@@ -16,7 +16,7 @@ from typing import Iterator
 
 from .cli import add_blend_args, add_model_args, blender_from_args, json_safe, parse_alpha, sampling_kwargs
 from ._core import BlendError
-from .blender import METHODS, Blender, Step
+from .blender import METHODS, RANGES, Blender, Step
 from .chat_template import base_transcript
 
 # Where base_transcript starts the user's next turn: the base must stop there, not write it.
@@ -29,12 +29,9 @@ DIM = "\x1b[2m"
 # /set NAME VALUE for the blending settings (checked by Blender.configure) ...
 BLEND_SETTINGS = {"gamma": "gamma", "alpha": "alpha", "beta": "beta", "lambda": "lambda_",
                   "max_intervention_rate": "max_intervention_rate"}
-# ... and for sampling: the type and the range Blender.generate accepts, checked here so that a bad
-# value is refused at once rather than at the next answer
-SAMPLING = {"temperature": (float, ">= 0", lambda v: v >= 0), "top_p": (float, "in (0, 1]", lambda v: 0 < v <= 1),
-            "top_k": (int, ">= 0 (0 = off)", lambda v: v >= 0), "min_p": (float, "in [0, 1)", lambda v: 0 <= v < 1),
-            "seed": (int, ">= 0", lambda v: v >= 0), "max_tokens": (int, ">= 1", lambda v: v >= 1),
-            "ignore_eos": (int, "0 or 1", lambda v: v in (0, 1))}
+# ... and for sampling; the core checks every value against its ranges before a setting changes
+SAMPLING = ("temperature", "top_p", "top_k", "min_p", "seed", "max_tokens", "ignore_eos")
+
 
 HELP = """\
 Type a message and press Enter. A line ending in \\ continues on the next line; text between
@@ -173,10 +170,14 @@ class Chat:
                 value = _number(name, text, float)
             self.blender.configure(**{BLEND_SETTINGS[name]: value})
         elif name in SAMPLING:
-            kind, rule, ok = SAMPLING[name]
-            value = _number(name, text, kind)
-            if not ok(value):
-                raise ValueError(f"{name} must be {rule}, got {text}")
+            if name == "ignore_eos":
+                if text not in ("0", "1"):
+                    raise ValueError(f"ignore_eos must be 0 or 1, got {text}")
+                value = text == "1"
+            else:
+                value = _number(name, text, int if RANGES[name][4] else float)
+            trial = {**self.sampling, name: value}
+            self.blender.gen_params(**trial).validate()  # the core's ranges, before anything changes
             self.sampling[name] = value
         else:
             raise ValueError(f"unknown setting {name!r}; one of: {', '.join([*BLEND_SETTINGS, *SAMPLING])}")

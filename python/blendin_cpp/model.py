@@ -181,12 +181,18 @@ class Model:
         """Drop KV cache positions >= n_keep (of one sequence, or of all when seq < 0)."""
         self._handle.truncate(int(seq), int(n_keep))
 
+    def tokens(self, seq: int = 0) -> list[int]:
+        """What a sequence of the KV cache holds. The Model keeps this record for everyone who
+        decodes with it (Blenders sharing the model, best-of-N, scoring): each derives what it can
+        reuse from it."""
+        return list(self._handle.tokens(int(seq)))
+
     # --- adapters ---------------------------------------------------------------------------
     def adapter_scales(self) -> list[float]:
         return list(self._handle.adapter_scales())
 
     def set_adapter_scales(self, scales: Sequence[float]) -> None:
-        """Change the LoRA scales at run time (no reload), e.g. Alignment Vector lambdas. Tokens
-        already in the KV cache were computed with the old scales and are not recomputed: call
-        `Blender.reset()` on blenders that use this model before their next generation."""
+        """Change the LoRA scales at run time (no reload), e.g. Alignment Vector lambdas. The KV
+        cache held keys and values computed with the old scales, so a change empties it (the next
+        generation reads its prompt again)."""
         self._handle.set_adapter_scales([float(s) for s in scales])

@@ -20,7 +20,7 @@ from .blender import Blender
 def analyse(blender: Blender, prompts: list[str], *, max_tokens: int = 48, **settings) -> dict:
     steps = []
     for q in prompts:
-        r = blender.complete([{"role": "user", "content": q}], max_tokens=max_tokens, **settings)
+        r = blender.complete([{"role": "user", "content": q}], max_tokens=max_tokens, diagnostics=True, **settings)
         steps += [s for s in r.steps if s.guide_rank is not None]
     if not steps:
         raise ValueError("the guide was never consulted: raise gamma")

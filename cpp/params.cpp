@@ -1,0 +1,97 @@
+#include "params.h"
+
+#include <cmath>
+#include <limits>
+#include <sstream>
+
+#include "error.h"
+
+namespace blendin {
+
+namespace {
+constexpr double kInf = std::numeric_limits<double>::infinity();
+const char* kMethodNames[] = {"base", "guide", "nudging", "nudging_word", "blendin", "ensemble", "proxy", "dera"};
+constexpr int kMethods = sizeof kMethodNames / sizeof kMethodNames[0];
+
+std::string number(double x) {
+    std::ostringstream s;
+    s << x;
+    return s.str();
+}
+}  // namespace
+
+Method method_from_name(const std::string& name) {
+    for (int i = 0; i < kMethods; ++i)
+        if (name == kMethodNames[i]) return static_cast<Method>(i);
+    std::string all;
+    for (auto* n : kMethodNames) all += (all.empty() ? "" : ", ") + std::string(n);
+    throw ValueError("unknown method '" + name + "'; choose one of: " + all);
+}
+
+const char* method_name(Method m) { return kMethodNames[static_cast<int>(m)]; }
+
+std::vector<std::string> method_names() { return {kMethodNames, kMethodNames + kMethods}; }
+
+std::string Range::text() const {
+    if (lo == -kInf) return "";  // any finite value
+    if (hi == kInf) return (lo_open ? "> " : ">= ") + number(lo);
+    return std::string("in ") + (lo_open ? "(" : "[") + number(lo) + ", " + number(hi) + (hi_open ? ")" : "]");
+}
+
+const std::vector<Range>& param_ranges() {
+    static const std::vector<Range> ranges = {
+        {"gamma", 0, kInf, false, true, false},
+        {"alpha", 0, 1, false, false, false},  // or auto
+        {"beta", -kInf, kInf, true, true, false},
+        {"lambda", -kInf, kInf, true, true, false},
+        {"max_intervention_rate", 0, 1, false, false, false},
+        {"temperature", 0, kInf, false, true, false},
+        {"top_k", 0, kInf, false, true, true},
+        {"top_p", 0, 1, true, false, false},
+        {"min_p", 0, 1, false, true, false},
+        {"seed", 0, kInf, false, true, true},  // and below 2^64
+        {"max_tokens", 1, kInf, false, true, true},
+        {"top_logprobs", 0, 100, false, false, true},
+        {"draft_max", 1, 64, false, false, true},
+        {"warn_intervention_rate", 0, 1, false, false, false},
+    };
+    return ranges;
+}
+
+const Range& param_range(const std::string& name) {
+    for (const auto& r : param_ranges())
+        if (r.name == name) return r;
+    throw Error("internal error: no range for parameter '" + name + "'");
+}
+
+namespace {
+void check(const char* name, double v) {
+    const Range& r = param_range(name);
+    bool ok = std::isfinite(v) && (r.lo_open ? v > r.lo : v >= r.lo) && (r.hi_open ? v < r.hi : v <= r.hi);
+    const char* kind = r.integer ? "an integer" : r.lo == -kInf ? "a finite number" : "a number";
+    if (!ok) throw ValueError(std::string(name) + " must be " + kind + (r.lo == -kInf ? "" : " ") + r.text() +
+                              ", got " + number(v));
+}
+}  // namespace
+
+void validate(const GenParams& p) {
+    const PolicyParams& q = p.policy;
+    check("gamma", q.gamma);
+    if (!(q.alpha < 0)) check("alpha", q.alpha);  // negative: auto
+    check("beta", q.beta);
+    check("lambda", q.lambda);
+    check("max_intervention_rate", q.max_intervention_rate);
+    const SamplingParams& s = p.sampling;
+    check("temperature", s.temperature);
+    check("top_k", s.top_k);
+    check("top_p", s.top_p);
+    check("min_p", s.min_p);
+    check("max_tokens", p.max_tokens);
+    check("top_logprobs", p.top_logprobs);
+    check("draft_max", p.draft_max);
+    check("warn_intervention_rate", p.warn_intervention_rate);
+    for (const auto& stop : p.stop)
+        if (stop.empty()) throw ValueError("stop strings must not be empty");
+}
+
+}  // namespace blendin

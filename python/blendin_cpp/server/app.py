@@ -1,0 +1,249 @@
+"""The HTTP side: validates requests, turns them into Blender calls, formats OpenAI replies."""
+from __future__ import annotations
+
+import asyncio
+import hmac
+import json
+import math
+import time
+from typing import Any, AsyncIterator
+
+from fastapi import FastAPI, Request
+from pydantic import ValidationError
+from starlette.background import BackgroundTask
+from starlette.exceptions import HTTPException
+from starlette.responses import JSONResponse, Response, StreamingResponse
+
+from ..blender import Blender, PromptTokens, Step
+from .openai_format import FINISH, ChatFormat, CompletionFormat, usage
+from .schemas import ApiError, ChatRequest, CompletionRequest, validation_error
+from .slot import Run, Slot
+
+MAX_BODY_BYTES = 1 << 20
+
+
+class Server:
+    """The server's state: the Blender and its slot, the request defaults, the limits."""
+
+    def __init__(self, blender: Blender, *, model_id: str, defaults: dict, api_key: str | None = None,
+                 max_tokens_limit: int = 4096, max_queue: int = 64):
+        self.blender, self.model_id, self.defaults = blender, model_id, defaults
+        self.api_key = api_key
+        self.n_ctx = min(m.n_ctx for m in (blender.base, blender.guide) if m is not None)
+        self.max_tokens_limit = min(max_tokens_limit, self.n_ctx)
+        self.slot = Slot(blender, max_queue)
+        self.created = int(time.time())
+        self.av_defaults = blender.base.adapter_scales()  # the --av lambdas; requests override by name
+
+    # --- request handling ----------------------------------------------------------------------
+    def check_key(self, request) -> None:
+        if self.api_key is None:
+            return
+        given = request.headers.get("authorization", "")
+        if not hmac.compare_digest(given.encode(), f"Bearer {self.api_key}".encode()):
+            raise ApiError(401, "missing or wrong API key (send 'Authorization: Bearer <key>')",
+                           type="authentication_error", code="invalid_api_key")
+
+    async def parse(self, request, schema):
+        self.check_key(request)
+        declared = request.headers.get("content-length")
+        if declared is not None and declared.isdigit() and int(declared) > MAX_BODY_BYTES:
+            raise ApiError(413, f"the body exceeds {MAX_BODY_BYTES} bytes", code="body_too_large")
+        body = bytearray()
+        async for chunk in request.stream():
+            body += chunk
+            if len(body) > MAX_BODY_BYTES:
+                raise ApiError(413, f"the body exceeds {MAX_BODY_BYTES} bytes", code="body_too_large")
+        try:
+            return schema.model_validate_json(bytes(body))
+        except ValidationError as e:
+            raise validation_error(e) from None
+
+    async def prepare(self, req, prompt, max_tokens: int | None, top_logprobs: int,
+                      prompt_param: str) -> tuple[PromptTokens, dict]:
+        """The request's prompt, tokenized once for both models, and its Blender arguments, after
+        checking that it fits the context."""
+        try:
+            tokens = await asyncio.to_thread(self.blender.prompts, prompt)
+        except (ValueError, TypeError) as e:
+            raise ApiError(400, str(e), param=prompt_param) from None
+        longest = max(len(tokens.base), len(tokens.guide))
+        room = self.n_ctx - longest
+        if room < 1:
+            raise ApiError(400, f"the prompt has {longest} tokens; the context holds {self.n_ctx}",
+                           param=prompt_param, code="context_length_exceeded")
+        if max_tokens is None:
+            max_tokens = min(self.defaults["max_tokens"], room)
+        elif max_tokens > self.max_tokens_limit:
+            raise ApiError(400, f"max_tokens is {max_tokens}; this server allows at most {self.max_tokens_limit}",
+                           param="max_tokens", code="invalid_value")
+        elif max_tokens > room:
+            raise ApiError(400, f"the prompt ({longest} tokens) plus max_tokens ({max_tokens}) exceeds the "
+                           f"context of {self.n_ctx} tokens", param="max_tokens", code="context_length_exceeded")
+        d = self.defaults
+        kw = dict(max_tokens=max_tokens, top_logprobs=top_logprobs,
+                  temperature=d["temperature"] if req.temperature is None else req.temperature,
+                  top_p=d["top_p"] if req.top_p is None else req.top_p,
+                  top_k=d["top_k"] if req.top_k is None else req.top_k,
+                  min_p=d["min_p"] if req.min_p is None else req.min_p,
+                  seed=d["seed"] if req.seed is None else req.seed,
+                  stop=d["stop"] if req.stop is None else req.stop)
+        for name in ("method", "gamma", "alpha", "beta", "lambda_", "max_intervention_rate"):
+            if getattr(req, name) is not None:
+                kw[name] = getattr(req, name)
+        base = self.blender.base
+        if req.av_scales is not None or base.adapter_names:
+            scales = list(self.av_defaults)
+            for name, value in (req.av_scales or {}).items():
+                if name not in base.adapter_names:
+                    raise ApiError(400, f"no Alignment Vector named {name!r}; this server has: "
+                                   f"{', '.join(base.adapter_names) or 'none (start it with --av PATH:LAMBDA)'}",
+                                   param="av_scales", code="invalid_value")
+                if not math.isfinite(value):
+                    raise ApiError(400, f"av_scales[{name!r}] must be finite", param="av_scales",
+                                   code="invalid_value")
+                scales[base.adapter_names.index(name)] = value
+            kw["av_scales"] = scales
+        if kw.get("method", self.blender.defaults["method"]) == "proxy" and self.blender.anti is None:
+            raise ApiError(400, "method 'proxy' needs the anti model, which this server was not started with",
+                           param="method", code="invalid_value")
+        return tokens, kw
+
+    def prompt_tokens(self, tokens: PromptTokens, kwargs: dict) -> int:
+        """The prompt's length for usage: the base's, or the guide's where the guide writes alone."""
+        return len(tokens.guide) if kwargs.get("method", self.blender.defaults["method"]) == "guide" else len(tokens.base)
+
+    async def candidates(self, req, tokens: PromptTokens, kwargs: dict, fmt) -> Any:
+        """n (or best_of) candidates as parallel sequences; with best_of, the n best by reward."""
+        from .. import best_of_n as bon
+        if req.stream:
+            raise ApiError(400, "n > 1 and best_of cannot be streamed", param="stream", code="invalid_value")
+        total = req.best_of or req.n
+        if req.n > total:
+            raise ApiError(400, f"best_of ({total}) must be >= n ({req.n})", param="best_of", code="invalid_value")
+        if req.best_of and self.blender.guide is None:
+            raise ApiError(400, "best_of ranks by the implicit reward, which needs a guide", param="best_of")
+        kw = {k: v for k, v in kwargs.items() if k != "top_logprobs"}
+        seed = kw.pop("seed")
+        scales = kw.pop("av_scales", None)
+
+        def run():
+            if scales is not None:
+                self.blender.base.set_adapter_scales(scales)
+            cands = bon.generate_candidates(self.blender, tokens, total, seed=seed, **kw)
+            rewards = bon.implicit_reward(self.blender)(tokens, cands) if req.best_of else [0.0] * total
+            return cands, rewards
+        try:
+            cands, rewards = await self.slot.exclusive(run)
+        except (ValueError, TypeError) as e:
+            raise ApiError(400, str(e)) from None
+        order = sorted(range(total), key=lambda i: -rewards[i])[: req.n] if req.best_of else list(range(req.n))
+        return JSONResponse({**fmt.head(fmt.whole_object),
+                             "choices": [fmt.choice(k, cands[i].text, FINISH[cands[i].finish_reason])
+                                         for k, i in enumerate(order)],
+                             "usage": usage(self.prompt_tokens(tokens, kwargs), sum(len(c.tokens) for c in cands)),
+                             "blend": {"candidates": [{"seed": seed + i, "reward": rewards[i] if req.best_of else None,
+                                                       "interventions": cands[i].interventions,
+                                                       "tokens": len(cands[i].tokens)} for i in range(total)]}})
+
+    async def generate(self, request, req, tokens: PromptTokens, kwargs: dict, fmt) -> Any:
+        """Run a generation; `fmt` turns steps into response objects (see ChatFormat)."""
+        try:
+            run = await self.slot.open(request, tokens, kwargs)
+        except (ValueError, TypeError) as e:
+            raise ApiError(400, str(e)) from None
+        if run is None:
+            return Response(status_code=204)  # the client is gone; nobody reads this
+        include_usage = req.stream_options is not None and req.stream_options.include_usage
+        if req.stream:
+            return StreamingResponse(self._sse(run, fmt, include_usage, self.prompt_tokens(tokens, kwargs)),
+                                     media_type="text/event-stream",
+                                     headers={"Cache-Control": "no-cache", "X-Accel-Buffering": "no"},
+                                     background=BackgroundTask(run.close))
+        steps: list[Step] = []
+        try:
+            async for burst in run.bursts():
+                steps += burst
+                if await request.is_disconnected():
+                    return Response(status_code=204)
+        finally:
+            run.close()
+        return JSONResponse(fmt.whole(steps, run.stats, usage(self.prompt_tokens(tokens, kwargs), run.completion_tokens)))
+
+    async def _sse(self, run: Run, fmt, include_usage: bool, prompt_tokens: int) -> AsyncIterator[str]:
+        def event(obj) -> str:
+            return f"data: {json.dumps(obj, ensure_ascii=False)}\n\n"
+        try:
+            yield event(fmt.chunk(None, first=True))
+            async for burst in run.bursts():
+                # one write per burst: a client that left costs one failed write, not one per token
+                events = "".join(event(fmt.chunk(step)) for step in burst if fmt.shows(step))
+                if events:
+                    yield events
+            yield event(fmt.final(run.stats))
+            if include_usage:
+                yield event(fmt.usage_chunk(usage(prompt_tokens, run.completion_tokens)))
+        except Exception as e:  # the status line is sent: report the error in the stream, as OpenAI does
+            yield event(ApiError(500, f"generation failed: {e}", type="server_error").body())
+        yield "data: [DONE]\n\n"
+
+
+def create_app(server: Server):
+    """The FastAPI application around a Server."""
+    app = FastAPI(title="blendin_cpp", version="0.1.0", docs_url=None, redoc_url=None, openapi_url=None)
+
+    @app.exception_handler(ApiError)
+    async def api_error(request, e: ApiError):
+        return JSONResponse(e.body(), status_code=e.status)
+
+    @app.exception_handler(HTTPException)
+    async def http_error(request, e: HTTPException):
+        kind = "not_found" if e.status_code == 404 else "method_not_allowed" if e.status_code == 405 else None
+        return JSONResponse(ApiError(e.status_code, str(e.detail), code=kind).body(), status_code=e.status_code)
+
+    @app.exception_handler(Exception)
+    async def internal_error(request, e: Exception):
+        return JSONResponse(ApiError(500, f"internal error: {type(e).__name__}: {e}", type="server_error").body(),
+                            status_code=500)
+
+    @app.get("/health")
+    async def health():
+        return {"status": "ok", "busy": server.slot.busy, "waiting": server.slot.waiting}
+
+    @app.get("/v1/models")
+    async def models(request: Request):
+        server.check_key(request)
+        blend = {"lambda" if k == "lambda_" else k: v for k, v in server.blender.defaults.items()}
+        return {"object": "list", "data": [{"id": server.model_id, "object": "model", "created": server.created,
+                                            "owned_by": "blendin_cpp", "n_ctx": server.n_ctx, "blend": blend}]}
+
+    @app.post("/v1/chat/completions")
+    async def chat_completions(request: Request):
+        req = await server.parse(request, ChatRequest)
+        messages = [m.as_dict() for m in req.messages]
+        top = (req.top_logprobs or 0) if req.logprobs else 0
+        if req.top_logprobs and not req.logprobs:
+            raise ApiError(400, "top_logprobs needs logprobs: true", param="top_logprobs", code="invalid_value")
+        max_tokens = req.max_completion_tokens if req.max_completion_tokens is not None else req.max_tokens
+        tokens, kwargs = await server.prepare(req, messages, max_tokens, top, "messages")
+        fmt = ChatFormat(server, top if req.logprobs else None)
+        if req.n > 1 or req.best_of:
+            return await server.candidates(req, tokens, kwargs, fmt)
+        return await server.generate(request, req, tokens, kwargs, fmt)
+
+    @app.post("/v1/completions")
+    async def completions(request: Request):
+        req = await server.parse(request, CompletionRequest)
+        prompt = req.prompt
+        if isinstance(prompt, list):
+            if len(prompt) != 1:
+                raise ApiError(400, "prompt must be one string (batches are not supported)", param="prompt",
+                               code="invalid_value")
+            prompt = prompt[0]
+        tokens, kwargs = await server.prepare(req, prompt, req.max_tokens, req.logprobs or 0, "prompt")
+        fmt = CompletionFormat(server, req.logprobs)
+        if req.n > 1 or req.best_of:
+            return await server.candidates(req, tokens, kwargs, fmt)
+        return await server.generate(request, req, tokens, kwargs, fmt)
+
+    return app

@@ -1,0 +1,126 @@
+"""Steps and statistics in OpenAI's response shapes (chat.completion, text_completion, chunks)."""
+from __future__ import annotations
+
+import time
+import uuid
+
+from ..blender import Step
+from ..cli import json_safe
+
+FINISH = {"stop": "stop", "length": "length", "context": "length"}
+
+
+def usage(prompt: int, completion: int) -> dict:
+    """OpenAI's usage object. `completion` counts the tokens of the text (the end token is not
+    one of them), on every path: plain, streamed, and n / best_of candidates."""
+    return {"prompt_tokens": prompt, "completion_tokens": completion, "total_tokens": prompt + completion}
+
+
+class _Format:
+    def __init__(self, server, logprobs: int | None):
+        self.server, self.logprobs = server, logprobs
+        self.id = f"{self.prefix}-{uuid.uuid4().hex}"
+        self.created = int(time.time())
+
+    def head(self, obj: str) -> dict:
+        return {"id": self.id, "object": obj, "created": self.created, "model": self.server.model_id}
+
+    def _token(self, token: int) -> tuple[str, list[int]]:
+        raw = self.server.blender.base.piece(token)
+        return raw.decode("utf-8", errors="replace"), list(raw)
+
+    def _counted(self, steps: list[Step]) -> list[Step]:
+        """Steps that have a token to report (not the end-of-generation token)."""
+        return [s for s in steps if not self.server.blender.base.is_eog(s.token)]
+
+    def shows(self, step: Step) -> bool:
+        """Whether a step gets a chunk of its own when streaming (text, or a token's logprobs)."""
+        return bool(step.text) or (self.logprobs is not None and not self.server.blender.base.is_eog(step.token))
+
+
+class ChatFormat(_Format):
+    prefix = "chatcmpl"
+    whole_object = "chat.completion"
+
+    def choice(self, index: int, text: str, finish: str) -> dict:
+        return {"index": index, "message": {"role": "assistant", "content": text}, "logprobs": None,
+                "finish_reason": finish}
+
+    def _logprobs(self, steps: list[Step]) -> dict | None:
+        if self.logprobs is None:
+            return None
+        content = []
+        for s in self._counted(steps):
+            text, raw = self._token(s.token)
+            top = []
+            for t, lp in s.top_logprobs:
+                ttext, traw = self._token(t)
+                top.append({"token": ttext, "logprob": lp, "bytes": traw})
+            content.append({"token": text, "logprob": s.logprob, "bytes": raw, "top_logprobs": top})
+        return {"content": content}
+
+    def whole(self, steps: list[Step], stats: dict, used: dict) -> dict:
+        return {**self.head("chat.completion"),
+                "choices": [{"index": 0, "message": {"role": "assistant", "content": "".join(s.text for s in steps)},
+                             "logprobs": self._logprobs(steps), "finish_reason": FINISH[stats["finish_reason"]]}],
+                "usage": used, "blend": json_safe(stats)}
+
+    def chunk(self, step: Step | None, first: bool = False) -> dict:
+        delta = {"role": "assistant", "content": ""} if first else {"content": step.text}
+        return {**self.head("chat.completion.chunk"),
+                "choices": [{"index": 0, "delta": delta,
+                             "logprobs": None if first else self._logprobs([step]), "finish_reason": None}]}
+
+    def final(self, stats: dict) -> dict:
+        return {**self.head("chat.completion.chunk"),
+                "choices": [{"index": 0, "delta": {}, "logprobs": None,
+                             "finish_reason": FINISH[stats["finish_reason"]]}],
+                "blend": json_safe(stats)}
+
+    def usage_chunk(self, used: dict) -> dict:
+        return {**self.head("chat.completion.chunk"), "choices": [], "usage": used}
+
+
+class CompletionFormat(_Format):
+    prefix = "cmpl"
+    whole_object = "text_completion"
+
+    def choice(self, index: int, text: str, finish: str) -> dict:
+        return {"index": index, "text": text, "logprobs": None, "finish_reason": finish}
+
+    def __init__(self, server, logprobs: int | None):
+        super().__init__(server, logprobs)
+        self.offset = 0  # text_offset of the next token
+
+    def _logprobs(self, steps: list[Step]) -> dict | None:
+        if self.logprobs is None:
+            return None
+        out = {"tokens": [], "token_logprobs": [], "top_logprobs": [], "text_offset": []}
+        for s in self._counted(steps):
+            text, _ = self._token(s.token)
+            out["tokens"].append(text)
+            out["token_logprobs"].append(s.logprob)
+            out["top_logprobs"].append({self._token(t)[0]: lp for t, lp in s.top_logprobs})
+            out["text_offset"].append(self.offset)
+            self.offset += len(text)
+        return out
+
+    def whole(self, steps: list[Step], stats: dict, used: dict) -> dict:
+        return {**self.head("text_completion"),
+                "choices": [{"index": 0, "text": "".join(s.text for s in steps), "logprobs": self._logprobs(steps),
+                             "finish_reason": FINISH[stats["finish_reason"]]}],
+                "usage": used, "blend": json_safe(stats)}
+
+    def chunk(self, step: Step | None, first: bool = False) -> dict | None:
+        return {**self.head("text_completion"),
+                "choices": [{"index": 0, "text": "" if first else step.text,
+                             "logprobs": None if first else self._logprobs([step]), "finish_reason": None}]}
+
+    def final(self, stats: dict) -> dict:
+        return {**self.head("text_completion"),
+                "choices": [{"index": 0, "text": "", "logprobs": None,
+                             "finish_reason": FINISH[stats["finish_reason"]]}],
+                "blend": json_safe(stats)}
+
+    def usage_chunk(self, used: dict) -> dict:
+        return {**self.head("text_completion"), "choices": [], "usage": used}
