@@ -17,6 +17,7 @@
 #include "error.h"
 #include "gguf_check.h"
 #include "model.h"
+#include "retokenizer.h"
 
 namespace nb = nanobind;
 using namespace nb::literals;
@@ -216,6 +217,8 @@ NB_MODULE(_core, m) {
              }, "tokens"_a)
         .def("truncate", &Model::truncate, "seq"_a, "n_keep"_a, nb::call_guard<nb::gil_scoped_release>())
         .def("copy_seq", &Model::copy_seq, "src"_a, "dst"_a, "n"_a, nb::call_guard<nb::gil_scoped_release>())
+        .def("decode_seconds", &Model::decode_seconds, "k"_a, nb::call_guard<nb::gil_scoped_release>(),
+             "Seconds a decode of k tokens with logits on every row takes (measured once, then interpolated).")
         .def("adapter_scales", &Model::adapter_scales)
         .def("set_adapter_scales", &Model::set_adapter_scales, "scales"_a, nb::call_guard<nb::gil_scoped_release>());
 
@@ -346,6 +349,16 @@ NB_MODULE(_core, m) {
         .def_prop_ro("first_difference", &blendin::VocabBridge::first_difference)
         .def("map", &blendin::VocabBridge::map)
         .def("exact", &blendin::VocabBridge::exact);
+
+    nb::class_<blendin::Retokenizer>(m, "Retokenizer", "A growing text read through one model's tokenizer.")
+        .def(nb::init<const Model&>(), "model"_a, nb::keep_alive<1, 2>())
+        .def("tokens", [](blendin::Retokenizer& self, nb::bytes text) {
+                 std::string t(text.c_str(), text.size());
+                 return self.tokens(t, t.size());
+             }, "text"_a, "The model's tokens of `text` (which extends the previous call's text).")
+        .def("reset", &blendin::Retokenizer::reset)
+        .def_prop_ro("full_passes", &blendin::Retokenizer::full_passes)
+        .def_prop_ro("tail_passes", &blendin::Retokenizer::tail_passes);
 
     nb::class_<blendin::Candidate>(m, "Candidate")
         .def_ro("tokens", &blendin::Candidate::tokens)

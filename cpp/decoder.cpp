@@ -22,7 +22,7 @@ TokenFacts::TokenFacts(const Model& b, const Model* guide) : base(&b) {
     }
 }
 
-Decoder::Decoder(const GenParams& params, const TokenFacts& facts, uint64_t seed, bool guide_reads_text)
+Decoder::Decoder(const GenParams& params, const TokenFacts& facts, uint64_t seed, bool bridged)
     : params_(params),
       facts_(facts),
       policy_(params.policy, static_cast<int>(facts.eog.size())),
@@ -31,7 +31,7 @@ Decoder::Decoder(const GenParams& params, const TokenFacts& facts, uint64_t seed
           s.seed = seed;
           return s;
       }()),
-      guide_reads_text_(guide_reads_text) {
+      bridged_(bridged) {
     for (const auto& s : params.stop) longest_stop_ = std::max(longest_stop_, s.size());
 }
 
@@ -69,7 +69,7 @@ bool Decoder::in_word() {
 
 bool Decoder::continue_word(const float* lg, float unmatched) {
     policy_.gate(nullptr, tokens_, interventions_, info_);
-    policy_.read_guide(lg);
+    policy_.read_guide(lg, bridged_);
     guide_read_ = true;
     const auto& p = without_eog(policy_.combine(true, nullptr, info_));
     info_.unmatched = unmatched;
@@ -89,7 +89,7 @@ bool Decoder::gate(const float* lb) {
 
 void Decoder::decide(const float* lg, const float* la, float unmatched) {
     if (consult_ && lg) {
-        policy_.read_guide(lg);
+        policy_.read_guide(lg, bridged_);
         guide_read_ = true;
     }
     BLENDIN_CHECK(!consult_ || guide_read_);
@@ -101,7 +101,7 @@ void Decoder::decide(const float* lg, const float* la, float unmatched) {
 }
 
 bool Decoder::verify(const float* lg, const float* la, Token draft, const float* q, Step& out) {
-    if (consult_) policy_.read_guide(lg);
+    if (consult_) policy_.read_guide(lg, bridged_);
     const auto& p = without_eog(policy_.combine(consult_, consult_ ? la : nullptr, info_));
     const int n = static_cast<int>(p.size());
     Token choice = draft;

@@ -39,9 +39,10 @@ struct TokenFacts {
 
 class Decoder {
 public:
-    // `guide_reads_text`: the guide re-reads the text through its own tokenizer, so it cannot be
-    // consulted while the text ends inside a UTF-8 character.
-    Decoder(const GenParams& params, const TokenFacts& facts, uint64_t seed, bool guide_reads_text);
+    // `bridged`: the guide has its own vocabulary. It re-reads the text through its tokenizer, so
+    // it cannot be consulted while the text ends inside a UTF-8 character, and its rows are
+    // probabilities mapped onto the base vocabulary (not logits).
+    Decoder(const GenParams& params, const TokenFacts& facts, uint64_t seed, bool bridged);
 
     const GenParams& params() const { return params_; }
     const Policy& policy() const { return policy_; }
@@ -50,7 +51,7 @@ public:
     // ---- deciding one token ----
     // Inside a nudged word (and within the cap) the guide is asked first.
     bool in_word();
-    // The guide's logits (base vocabulary) for the word's next token; true when the guide wrote
+    // The guide's row (base vocabulary) for the word's next token; true when the guide wrote
     // it, false when the word is over (the base decides this token: go on with gate()).
     bool continue_word(const float* guide_logits, float unmatched);
     // The base's logits (nullptr for the guide alone): whether the guide (and the anti) must be
@@ -81,8 +82,6 @@ public:
     // read one more token. Returns true when the generation ends with this token (its
     // finish_reason is then set).
     bool emit(Step& step, bool room);
-    // End the generation now (e.g. the context of a guide that re-reads the text is full).
-    void finish(const std::string& reason, Step& step);
 
     long tokens() const { return tokens_; }
     long interventions() const { return interventions_; }
@@ -98,14 +97,15 @@ public:
 private:
     const std::vector<float>& without_eog(const std::vector<float>& p);  // for ignore_eos
     void finalize(Token t, const std::vector<float>& p, Step& out);
-    bool guide_blocked() const { return guide_reads_text_ && readable_text() != text_.size(); }
+    bool guide_blocked() const { return bridged_ && readable_text() != text_.size(); }
     void release(Step& out, bool all);
+    void finish(const std::string& reason, Step& step);
 
     GenParams params_;
     const TokenFacts& facts_;
     Policy policy_;
     Sampler sampler_;
-    bool guide_reads_text_;
+    bool bridged_;
     bool in_word_ = false, consult_ = false, guide_read_ = false;
     StepInfo info_;
     Step step_;

@@ -22,6 +22,19 @@ Peak softmax(const float* logits, int n, float* p) {
     return peak;
 }
 
+Peak normalize(const float* x, int n, float* p) {
+    Peak peak;
+    double sum = 0;
+    for (int i = 0; i < n; ++i) {
+        sum += x[i];
+        if (x[i] > x[peak.index]) peak.index = i;
+    }
+    const float inv = static_cast<float>(1.0 / sum);
+    for (int i = 0; i < n; ++i) p[i] = x[i] * inv;
+    peak.value = p[peak.index];
+    return peak;
+}
+
 std::vector<int> top_k(const float* x, int n, int k) {
     k = std::min(k, n);
     auto better = [x](int a, int b) { return x[a] > x[b] || (x[a] == x[b] && a < b); };

@@ -13,6 +13,9 @@ struct Peak {
 // p = softmax(logits) at temperature 1; returns the peak of p.
 Peak softmax(const float* logits, int n, float* p);
 
+// p = x / sum(x) for non-negative x; returns the peak of p.
+Peak normalize(const float* x, int n, float* p);
+
 // The k largest entries of x, largest first (ties: lower index first).
 std::vector<int> top_k(const float* x, int n, int k);
 

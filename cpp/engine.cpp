@@ -4,6 +4,7 @@
 #include <cmath>
 
 #include "error.h"
+#include "text.h"
 
 namespace blendin {
 
@@ -74,6 +75,7 @@ Engine::Engine(Model* base, Model* guide, Model* anti) {
     if (bridged()) {
         guide_p_.resize(guide->n_vocab());
         guide_mapped_.resize(n_vocab_);
+        retokenizer_ = std::make_unique<Retokenizer>(*guide);
     }
 }
 
@@ -83,18 +85,18 @@ bool Engine::used(int role) const {
     return role == kBase ? p.uses_base() : role == kGuide ? p.uses_guide() : p.uses_anti();
 }
 
-// The guide's next-token logits on the base vocabulary. A guide with its own tokenizer reads
-// the generated text through that tokenizer first (re-tokenised in full, so that text the guide
-// would merge differently is merged its way), then its distribution is mapped by the bridge.
+// The guide's next-token row on the base vocabulary: its logits, or for a guide with its own
+// tokenizer its probabilities mapped by the bridge, after it read the generated text through
+// that tokenizer (as a full tokenization would split it, so that text the guide would merge
+// differently is merged its way; only the unsettled tail is tokenized again).
 const float* Engine::guide_logits() {
     Track& g = tracks_[kGuide];
     if (!bridged()) return g.logits();
-    const std::string& text = decoder_->text();
-    std::vector<Token> read = g.model->tokenize(text.substr(0, decoder_->readable_text()), false, false);
-    g.target = guide_prompt_;
+    const std::vector<Token>& read = retokenizer_->tokens(decoder_->text(), decoder_->readable_text());
+    g.target.resize(guide_prompt_.size());
     g.target.insert(g.target.end(), read.begin(), read.end());
     softmax(g.logits(), g.model->n_vocab(), guide_p_.data());
-    unmatched_ = bridge_->map_log_probs(guide_p_.data(), guide_mapped_.data(), n_vocab_);
+    unmatched_ = bridge_->map_probs(guide_p_.data(), guide_mapped_.data(), n_vocab_);
     return guide_mapped_.data();
 }
 
@@ -138,12 +140,13 @@ void Engine::start(const std::vector<Token>& base_prompt, const std::vector<Toke
                          "' combines logits token by token and needs a guide that shares the base's vocabulary: " +
                          bridge_->first_difference());
     guide_prompt_ = guide_prompt;
+    if (retokenizer_) retokenizer_->reset();
     decoder_ = std::make_unique<Decoder>(p, *facts_, p.sampling.seed, bridged());
     queue_.clear();
     draft_len_ = std::min(4, p.draft_max);
     drafted_ = accepted_ = 0;
-    spec_pause_ = 0;
-    accept_ema_ = 1.0;
+    plain_steps_ = 0;
+    accept_ema_ = 0.8;
 
     t_start_ = std::chrono::steady_clock::now();
     for (int r = 0; r < kRoles; ++r) {
@@ -173,11 +176,13 @@ bool Engine::step(Step& out) {
     Holding hold(lease_, models);
     if (queue_.empty()) {
         if (!active_) return false;
-        if (can_speculate() && spec_pause_ == 0) {
-            speculate();
+        const int k = draft_length();
+        if (k > 0) {
+            speculate(k);
+            plain_steps_ = 0;
         } else {
             plain_step();
-            if (spec_pause_ > 0) --spec_pause_;
+            ++plain_steps_;
         }
     }
     out = std::move(queue_.front());
@@ -207,16 +212,25 @@ void Engine::plain_step() {
     emit(d.decided(), false);
 }
 
-bool Engine::room() const {
+bool Engine::room(Token next) {
     for (int r = 0; r < kRoles; ++r) {
         if (!used(r) || (r == kGuide && bridged())) continue;
         if (static_cast<int>(tracks_[r].target.size()) >= tracks_[r].model->n_ctx()) return false;
     }
-    return true;
+    if (!bridged() || !used(kGuide)) return true;
+    // a guide that re-reads the text: its tokens of the text with `next`, counted exactly only
+    // when the cheap bound comes near its context
+    const size_t limit = static_cast<size_t>(tracks_[kGuide].model->n_ctx()) - guide_prompt_.size();
+    const std::string& text = decoder_->text();
+    const std::string_view piece = facts_->base->text_piece(next);
+    if (retokenizer_->bound(text.size() + piece.size()) <= limit) return true;
+    std::string grown = text;
+    grown += piece;
+    return retokenizer_->tokens(grown, utf8_boundary(grown, 0, grown.size())).size() <= limit;
 }
 
 bool Engine::emit(Step& s, bool in_kv) {
-    const bool finished = decoder_->emit(s, in_kv || room());
+    const bool finished = decoder_->emit(s, in_kv || facts_->eog[s.token] || room(s.token));
     if (!finished && !in_kv)
         for (int r = 0; r < kRoles; ++r)
             if (used(r) && !(r == kGuide && bridged())) tracks_[r].target.push_back(s.token);  // a bridged guide follows the text
@@ -239,6 +253,39 @@ bool Engine::can_speculate() const {
         default:  // the guide alone needs no second opinion; a nudged word is the guide's anyway
             return false;
     }
+}
+
+// Seconds per emitted token of a round of k drafts at per-token acceptance a, over plain
+// decoding's: below 1 the round pays. Plain decoding reads each token once per model (the lazy
+// guide in batches); a round reads k + 1 positions in one batch per model, plus the drafter's cost.
+double Engine::round_cost(int k, double a) {
+    auto seconds = [this](int role, int n) { return used(role) ? tracks_[role].model->decode_seconds(n) : 0.0; };
+    const bool by_guide = decoder_->params().drafter == Drafter::Guide;
+    const double emitted = a >= 1 ? k + 1 : (1 - std::pow(a, k + 1)) / (1 - a);
+    const double guide_read = seconds(kGuide, 8) / 8;
+    const double plain = seconds(kBase, 1) + seconds(kAnti, 1) + guide_read;
+    const double round = seconds(kBase, k + 1) + seconds(kAnti, k + 1) +
+                         (by_guide ? k * seconds(kGuide, 1) : emitted * guide_read);
+    return round / emitted / plain;
+}
+
+// How many tokens to draft now (0: decode this token plainly). `on`: always draft, the length
+// adapting to what was accepted, pausing while acceptance is low. `auto`: the length whose
+// measured cost pays most at the recent acceptance, or none; after a while without drafting one
+// short round probes the acceptance again, unless no length could pay even at 95%.
+int Engine::draft_length() {
+    if (!can_speculate()) return 0;
+    const GenParams& p = decoder_->params();
+    if (p.speculative == Speculative::On) return accept_ema_ < 0.5 && plain_steps_ < 16 ? 0 : draft_len_;
+    int best = 0;
+    double cost = 0.95;  // a round must save at least 5% to be worth the rejected drafts' risk
+    for (int k = 1; k <= p.draft_max; ++k)
+        if (double c = round_cost(k, accept_ema_); c < cost) {
+            best = k;
+            cost = c;
+        }
+    if (best == 0 && plain_steps_ >= 32 && round_cost(2, 0.95) < 0.95) return 2;
+    return best;
 }
 
 std::vector<Token> Engine::draft_with_guide(int k) {
@@ -294,7 +341,7 @@ std::vector<Token> Engine::draft_from_context(int k) const {
 // models' logits there (Decoder::verify). Accepted tokens are already in the caches; at the first
 // rejection the caches roll back and the policy's own choice is emitted. All accepted: the base's
 // extra row gives one more token.
-void Engine::speculate() {
+void Engine::speculate(int k) {
     Decoder& d = *decoder_;
     const GenParams& p = d.params();
     Track& base = tracks_[kBase];
@@ -303,7 +350,7 @@ void Engine::speculate() {
     size_t before[kRoles];
     for (int r = 0; r < kRoles; ++r) before[r] = tracks_[r].target.size();
 
-    int k = std::min(draft_len_, static_cast<int>(p.max_tokens - d.tokens()) - 1);
+    k = std::min(k, static_cast<int>(p.max_tokens - d.tokens()) - 1);
     for (int r = 0; r < kRoles; ++r)
         if (used(r))
             k = std::min({k, tracks_[r].model->n_ctx() - 1 - static_cast<int>(tracks_[r].target.size()),
@@ -327,36 +374,40 @@ void Engine::speculate() {
 
     int accepted = 0;
     bool finished = false;
+    Step correction;  // the policy's own choice at the first rejected position
+    bool rejected = false;
     for (int j = 0; j < k && !finished; ++j) {
         const bool consult = d.gate(lb[j]);
         Step s;
         const bool accept = d.verify(consult && used(kGuide) ? guide_row(j) : nullptr,
                                      consult && used(kAnti) ? la[j] : nullptr, drafts[j],
                                      by_guide && !d.sampler().greedy() ? draft_q_[j].data() : nullptr, s);
+        accept_ema_ = 0.9 * accept_ema_ + (accept ? 0.1 : 0.0);  // per drafted position
         if (!accept) {
-            for (int r = 0; r < kRoles; ++r)
-                if (used(r)) tracks_[r].target.resize(before[r] + accepted);
-            emit(s, false);
+            correction = std::move(s);
+            rejected = true;
             break;
         }
         ++accepted;
         finished = emit(s, true);
     }
     accepted_ += accepted;
-    if (accepted == k && !finished) {  // the token after the last draft
+    // every model now follows the accepted drafts, whether it read them in the batch (the rest
+    // rolls back at its next read) or not (a lazy guide that was never consulted reads them later)
+    for (int r = 0; r < kRoles; ++r)
+        if (used(r)) {
+            tracks_[r].target.resize(before[r]);
+            tracks_[r].target.insert(tracks_[r].target.end(), drafts.begin(), drafts.begin() + accepted);
+        }
+    if (rejected) {
+        emit(correction, false);
+    } else if (!finished) {  // all accepted: the token after the last draft
         const bool consult = d.gate(lb[k]);
         d.decide(consult && used(kGuide) ? guide_row(k) : nullptr, consult && used(kAnti) ? la[k] : nullptr, 0.0f);
         emit(d.decided(), false);
     }
-    // adapt: a fully accepted draft may grow, a rejection shrinks to what was accepted
+    // adapt (speculative on): a fully accepted draft may grow, a rejection shrinks to what was accepted
     draft_len_ = accepted == k ? std::min(2 * draft_len_, p.draft_max) : std::max(1, accepted + 1);
-    // a draft that is mostly rejected costs more decodes than it saves: when the recent
-    // acceptance is low, decode plainly for a while, then try drafting again
-    accept_ema_ = 0.7 * accept_ema_ + 0.3 * (static_cast<double>(accepted) / k);
-    if (accept_ema_ < 0.5) {
-        spec_pause_ = 16;
-        accept_ema_ = 0.5;  // the next round starts neutral
-    }
 }
 
 Stats Engine::stats() const {

@@ -13,6 +13,7 @@
 #include "lease.h"
 #include "model.h"
 #include "params.h"
+#include "retokenizer.h"
 #include "vocab_bridge.h"
 
 namespace blendin {
@@ -64,12 +65,14 @@ private:
     bool used(int role) const;
     bool can_speculate() const;
     void plain_step();
-    void speculate();
+    int draft_length();
+    double round_cost(int k, double acceptance);
+    void speculate(int k);
     std::vector<Token> draft_with_guide(int k);
     std::vector<Token> draft_from_context(int k) const;
     // Account for a decided token (`in_kv`: an accepted draft, already read by every model).
     bool emit(Step& s, bool in_kv);
-    bool room() const;
+    bool room(Token next);  // every model can read `next` and still fit its context
 
     const float* guide_logits();  // on the base vocabulary (mapped through the bridge if needed)
     // the share of the guide's mass with no exact base token, at its last reading
@@ -78,6 +81,7 @@ private:
     Track tracks_[kRoles];
     std::unique_ptr<VocabBridge> bridge_;
     std::unique_ptr<TokenFacts> facts_;
+    std::unique_ptr<Retokenizer> retokenizer_;  // a guide with its own vocabulary reads the text through it
     std::vector<Token> guide_prompt_;
     std::vector<float> guide_p_, guide_mapped_;
     float unmatched_ = 0;
@@ -86,9 +90,9 @@ private:
     std::unique_ptr<Decoder> decoder_;
     bool active_ = false;
     std::deque<Step> queue_;  // emitted by a speculative round, handed out one per step()
-    int draft_len_ = 4;
-    int spec_pause_ = 0;       // plain steps left before drafting again
-    double accept_ema_ = 1.0;  // recent share of drafted tokens accepted
+    int draft_len_ = 4;        // speculative on: the next draft's length
+    long plain_steps_ = 0;     // since the last speculative round
+    double accept_ema_ = 0.8;  // recent share of drafted positions accepted
     long drafted_ = 0, accepted_ = 0;
     std::vector<std::vector<float>> guide_rows_, draft_q_;
     std::vector<float> base_row0_, guide_row0_, anti_row0_;

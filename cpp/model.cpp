@@ -1,6 +1,7 @@
 #include "model.h"
 
 #include <algorithm>
+#include <chrono>
 #include <cmath>
 #include <cstdio>
 #include <deque>
@@ -420,6 +421,30 @@ void Model::copy_seq(int src, int dst, int n) {
     llama_memory_seq_cp(llama_get_memory(ctx_), src, dst, 0, n);
     seqs_[dst].assign(seqs_[src].begin(), seqs_[src].begin() + n);
     rows_.erase(std::remove_if(rows_.begin(), rows_.end(), [&](const auto& r) { return r.first == dst; }), rows_.end());
+}
+
+double Model::decode_seconds(int k) {
+    auto& c = decode_seconds_;
+    if (c.empty()) {
+        Lease::Scope use(lease_, name());
+        const std::vector<Token> kept = seqs_[0];
+        const int top = std::min({8, n_batch_, n_ctx_ - static_cast<int>(kept.size())});
+        const Token t = kept.empty() ? std::max(0, bos()) : kept.back();
+        for (int n = 1; n <= top; n *= 2) c.emplace_back(n, 1e30);
+        for (int round = 0; round < 3; ++round)  // the first round warms up (graphs, caches): not counted
+            for (auto& [n, best] : c) {
+                const auto t0 = std::chrono::steady_clock::now();
+                decode(std::vector<BatchItem>(n, BatchItem{t, 0, true}));
+                const double s = std::chrono::duration<double>(std::chrono::steady_clock::now() - t0).count();
+                if (round > 0) best = std::min(best, s);
+                truncate(0, static_cast<int>(kept.size()));
+            }
+        if (c.empty()) c.emplace_back(1, 1.0);  // no room to measure: batches save nothing
+    }
+    for (size_t i = 1; i < c.size(); ++i)
+        if (k <= c[i].first)
+            return c[i - 1].second + (c[i].second - c[i - 1].second) * (k - c[i - 1].first) / (c[i].first - c[i - 1].first);
+    return c.back().second * k / c.back().first;
 }
 
 void Model::set_adapter_scales(const std::vector<float>& scales) {

@@ -115,6 +115,10 @@ public:
     void copy_seq(int src, int dst, int n);  // dst holds the first n tokens of src (shared cells)
     long long decode_calls() const { return decode_calls_; }
     long long decoded_tokens() const { return decoded_tokens_; }
+    // Seconds a decode of k tokens with logits on every row takes on this device: measured the
+    // first time it is asked (batches of 1, 2, 4 and 8 appended to sequence 0 and removed again,
+    // the best of two rounds after a warm-up round), interpolated in between and extrapolated beyond.
+    double decode_seconds(int k);
 
     // LoRA adapters (Alignment Vectors): scales can change between decodes with no reload. The
     // KV cache was computed with the old weights, so a change clears it.
@@ -143,6 +147,7 @@ private:
     mutable std::once_flag pieces_once_;
     int n_vocab_ = 0, n_ctx_ = 0, n_batch_ = 0, n_seq_max_ = 1;
     long long file_size_ = 0, decode_calls_ = 0, decoded_tokens_ = 0;
+    std::vector<std::pair<int, double>> decode_seconds_;  // measured (k, seconds)
     Lease lease_;
 };
 

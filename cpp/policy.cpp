@@ -54,9 +54,14 @@ bool Policy::gate(const float* base_logits, long tokens, long interventions, Ste
     return true;
 }
 
-void Policy::read_guide(const float* lg) {
-    lg_ = lg;
-    peak_g_ = softmax(lg, n_, pg_.data());
+void Policy::read_guide(const float* guide, bool probs) {
+    if (!probs) {
+        lg_ = guide;
+        peak_g_ = softmax(guide, n_, pg_.data());
+        return;
+    }
+    lg_ = nullptr;
+    peak_g_ = normalize(guide, n_, pg_.data());
 }
 
 const std::vector<float>& Policy::combine(bool consulted, const float* la, StepInfo& info) {

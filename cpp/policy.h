@@ -52,9 +52,10 @@ public:
     // Whether one more intervention stays within the cap.
     bool within_cap(long tokens, long interventions) const;
 
-    // The guide's logits at this position (on the base vocabulary): computes p_guide. The pointer
-    // is kept for proxy and DeRa, which combine raw logits in the same step.
-    void read_guide(const float* guide_logits);
+    // The guide at this position, on the base vocabulary: its logits (kept for proxy and DeRa,
+    // which combine raw logits in the same step), or with `probs` its probabilities (a guide with
+    // another vocabulary, mapped by the bridge; renormalised here).
+    void read_guide(const float* guide, bool probs = false);
 
     // Phase 2: the final distribution (probabilities over the vocabulary). `consulted`: the guide
     // was read this step (read_guide); the anti's logits are needed by proxy only.

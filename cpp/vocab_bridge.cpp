@@ -1,7 +1,5 @@
 #include "vocab_bridge.h"
 
-#include <cmath>
-#include <limits>
 #include <unordered_map>
 
 namespace blendin {
@@ -62,15 +60,13 @@ VocabBridge::VocabBridge(const Model& base, const Model& guide, const std::strin
     }
 }
 
-float VocabBridge::map_log_probs(const float* pg, float* out, int n_base) const {
+float VocabBridge::map_probs(const float* pg, float* out, int n_base) const {
     std::fill(out, out + n_base, 0.0f);
     double unmatched = 0;
     for (size_t g = 0; g < map_.size(); ++g) {
         if (!exact_[g]) unmatched += pg[g];
         if (map_[g] >= 0) out[map_[g]] += pg[g];
     }
-    for (int i = 0; i < n_base; ++i)
-        out[i] = out[i] > 0 ? std::log(out[i]) : -std::numeric_limits<float>::infinity();
     return static_cast<float>(unmatched);
 }
 

@@ -27,9 +27,10 @@ public:
     // The first difference between the two vocabularies ("" when identical), for messages.
     const std::string& first_difference() const { return first_difference_; }
 
-    // p_guide (guide vocabulary) -> log of its image on the base vocabulary; returns the share of
-    // guide mass that had no exact counterpart.
-    float map_log_probs(const float* p_guide, float* log_p_base, int n_base) const;
+    // p_guide (guide vocabulary) -> its image on the base vocabulary (mass that maps nowhere is
+    // dropped, so the image may sum to less than 1); returns the share of guide mass that had no
+    // exact counterpart.
+    float map_probs(const float* p_guide, float* p_base, int n_base) const;
 
 private:
     bool identity_ = true;

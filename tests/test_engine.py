@@ -109,7 +109,8 @@ def check_against_reference(paths, base_prompt, guide_prompt, method, steps, *, 
 
 
 # ---- every method against the reference -----------------------------------------------------------
-MODES = {"naive": dict(lazy=False), "lazy": dict(lazy=True), "speculative": dict(lazy=True, speculative=True)}
+MODES = {"naive": dict(lazy=False), "lazy": dict(lazy=True), "speculative": dict(lazy=True, speculative=True),
+         "ngram": dict(speculative=True, drafter="ngram"), "auto": dict(speculative="auto")}
 
 
 @pytest.mark.parametrize("method", bc.METHODS)
@@ -339,6 +340,59 @@ def test_stop_strings_cut_the_text(blender):
     assert r.finish_reason == "stop"
     streamed = "".join(s.text for s in r.steps)
     assert stop not in streamed and streamed == r.text
+
+
+REPEATED = "The capital of France is Paris. The capital of France is"
+
+
+@pytest.mark.parametrize("temperature", [1.0, 0.7])
+def test_sampled_frequencies_with_context_drafts(blender, paths, temperature):
+    """The n-gram drafter proposes what followed the prompt's last words where they occurred before
+    (" Paris" after "The capital of France is"). The draft is deterministic (Q = 1 on it): accepted
+    with probability P(d), otherwise replaced by a draw from P without d. The first token's
+    frequencies must be the policy's."""
+    base_prompt, guide_prompt = blender.prompts(REPEATED)
+    pb = softmax(RefModel(paths["base"], base_prompt).logits())
+    pg = softmax(RefModel(paths["guide"], guide_prompt).logits())
+    a = np.clip(pg.max() / (pb.max() + pg.max()) + 0.1 * pb[np.argmax(pg)], 0, 1)
+    p = ((1 - a) * pb + a * pg) if pb.max() < GAMMA else pb
+    p = p ** (1 / temperature)
+    p /= p.sum()
+    n, counts, drafted = 3000, np.zeros_like(p), 0
+    for seed in range(n):
+        r = blender.complete(REPEATED, max_tokens=2, temperature=temperature, seed=seed, speculative=True,
+                             drafter="ngram")
+        counts[r.tokens[0]] += 1
+        drafted += r.stats["drafted"] > 0
+    assert drafted == n  # every run began with a drafted round
+    keep = p * n >= 5
+    expected = np.append(p[keep] * n, p[~keep].sum() * n)
+    observed = np.append(counts[keep], counts[~keep].sum())
+    chi2, dof = ((observed - expected) ** 2 / expected).sum(), len(expected) - 1
+    assert chi2 < dof + 5 * np.sqrt(2 * dof), (chi2, dof)
+
+
+def test_context_drafts_are_verified_exactly(blender):
+    """Greedy: every n-gram drafted token the policy would not pick is rejected."""
+    plain = blender.complete(REPEATED, max_tokens=48, method="blendin")
+    spec = blender.complete(REPEATED, max_tokens=48, method="blendin", speculative=True, drafter="ngram")
+    assert spec.tokens == plain.tokens
+    assert spec.stats["drafted"] > 0
+
+
+def test_automatic_speculation_follows_the_measured_costs(blender):
+    """speculative="auto" drafts only where a batch of k + 1 rows, as measured on this device, costs
+    enough less than k + 1 single decodes: when no draft length could pay even at 95% acceptance,
+    it never drafts."""
+    r = blender.complete(PROMPT, max_tokens=48, method="ensemble", speculative="auto")
+    models = [blender.base, blender.guide]
+    seconds = {k: [m._handle.decode_seconds(k) for m in models] for k in range(1, 10)}
+    plain = seconds[1][0] + seconds[8][1] / 8
+    could_pay = any((seconds[k + 1][0] + k * seconds[1][1]) / ((1 - 0.95 ** (k + 1)) / 0.05) / plain < 0.95
+                    for k in range(1, 9))
+    assert r.tokens == blender.complete(PROMPT, max_tokens=48, method="ensemble").tokens
+    if not could_pay:
+        assert r.stats["drafted"] == 0
 
 
 def test_speculative_decodes_fewer_base_batches(blender):
