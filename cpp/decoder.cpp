@@ -107,7 +107,7 @@ bool Decoder::verify(const float* lg, const float* la, Token draft, const float*
     Token choice = draft;
     bool accept;
     if (sampler_.greedy()) {
-        choice = static_cast<Token>(std::max_element(p.begin(), p.end()) - p.begin());
+        choice = argmax(p.data(), n);
         accept = choice == draft;
     } else {
         target_ = sampler_.shape(p.data(), n);

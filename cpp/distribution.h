@@ -16,6 +16,9 @@ Peak softmax(const float* logits, int n, float* p);
 // p = x / sum(x) for non-negative x; returns the peak of p.
 Peak normalize(const float* x, int n, float* p);
 
+// The index of the largest entry (the lowest among ties).
+int argmax(const float* x, int n);
+
 // The k largest entries of x, largest first (ties: lower index first).
 std::vector<int> top_k(const float* x, int n, int k);
 

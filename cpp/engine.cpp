@@ -301,7 +301,7 @@ std::vector<Token> Engine::draft_with_guide(int k) {
         std::copy(lg, lg + n_vocab_, guide_rows_[j].begin());  // the next draft's decode replaces it
         Token d;
         if (sampler.greedy()) {
-            d = static_cast<Token>(std::max_element(lg, lg + n_vocab_) - lg);
+            d = argmax(lg, n_vocab_);
         } else {
             softmax(lg, n_vocab_, draft_q_[j].data());
             draft_q_[j] = sampler.shape(draft_q_[j].data(), n_vocab_);

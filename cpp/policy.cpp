@@ -85,7 +85,7 @@ const std::vector<float>& Policy::combine(bool consulted, const float* la, StepI
                     mass += pb_[i];
                 }
             info.guide_rank = above + 1;
-            info.mass_above = static_cast<float>(mass);
+            info.mass_above = static_cast<float>(std::min(mass, 1.0));  // a float sum can pass 1 by rounding
         }
     }
     switch (m) {

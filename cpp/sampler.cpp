@@ -3,6 +3,7 @@
 #include <algorithm>
 #include <cmath>
 
+#include "distribution.h"
 #include "error.h"
 
 namespace blendin {
@@ -64,7 +65,7 @@ int Sampler::draw(const float* q, int n) {
 }
 
 int Sampler::pick(const float* p, int n) {
-    if (greedy()) return static_cast<int>(std::max_element(p, p + n) - p);  // first among ties
+    if (greedy()) return argmax(p, n);  // first among ties
     const auto& q = shape(p, n);
     return draw(q.data(), n);
 }
