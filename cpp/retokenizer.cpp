@@ -70,10 +70,11 @@ const std::vector<Token>& Retokenizer::tokens(const std::string& text, size_t le
 }
 
 size_t Retokenizer::bound(size_t len) const {
-    // the tokens before the settled boundary stay; every later byte may become a token of its own
+    // the tokens before the settled boundary stay; every later byte may become up to three tokens
+    // (the tokenizer reads an invalid byte as U+FFFD, three bytes)
     const size_t k = settled();
     const size_t from = k ? ends_[k - 1] : 0;
-    return k + (len > from ? len - from : 0);
+    return k + 3 * (len > from ? len - from : 0);
 }
 
 }  // namespace blendin

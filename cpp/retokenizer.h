@@ -25,8 +25,8 @@ public:
     // The model's tokens for text[0, len) (no special tokens added or parsed). Between calls the
     // text only grows (reset() for a new one).
     const std::vector<Token>& tokens(const std::string& text, size_t len);
-    // At most how many tokens text[0, len) can have, without tokenizing (a token spells at least
-    // one byte): for checking the context cheaply.
+    // At most how many tokens text[0, len) can have, without tokenizing: for checking the context
+    // cheaply.
     size_t bound(size_t len) const;
     long full_passes() const { return full_; }
     long tail_passes() const { return tail_; }

@@ -174,3 +174,19 @@ def test_overlap_command(paths, tmp_path):
     assert res["bridged"] and res["prompts"] == 2 and 18 <= res["consulted_steps"] <= 24
     assert 0 <= res["in_base_top10"] <= res["in_base_top50"] <= res["in_base_top100"] <= 1
     assert 0 < res["unmatched_guide_mass"] < 1
+
+
+def test_a_guide_with_a_smaller_context_ends_the_generation_cleanly(paths):
+    """The guide re-reads the text through its own tokenizer; when that reading would not fit its
+    context, the generation ends with finish_reason "context" (the base still had room)."""
+    base = bc.Model(paths["base"], n_ctx=256, kv_type="f32", n_threads=1)
+    probe = bc.Blender(base, bc.Model(paths["guide"], n_ctx=256, kv_type="f32", n_threads=1))
+    room = 14
+    guide = bc.Model(paths["guide"], n_ctx=len(probe.prompts(PROMPT).guide) + room, kv_type="f32", n_threads=1)
+    b = bc.Blender(base, guide)
+    r = b.complete(PROMPT, max_tokens=100, method="blendin", gamma=1.01, ignore_eos=True)
+    assert r.finish_reason == "context" and 0 < len(r.tokens) < 100
+    # it went as far as the guide could read: one more token would not have fitted
+    assert len(b._engine.tokens(1)) <= guide.n_ctx
+    longer = guide.tokenize(b.base.detokenize(r.tokens), add_special=False)
+    assert len(b.prompts(PROMPT).guide) + len(longer) > guide.n_ctx - 2
