@@ -14,7 +14,7 @@ import sys
 from dataclasses import dataclass
 from typing import Iterator
 
-from .cli import add_blend_args, add_model_args, blender_from_args, json_safe, parse_alpha, sampling_kwargs
+from .options import add_blend_args, add_model_args, blender_from_args, json_safe, parse_alpha, sampling_kwargs
 from ._core import BlendError
 from .blender import METHODS, Blender, Step
 from .chat_template import base_transcript

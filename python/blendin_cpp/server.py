@@ -38,7 +38,7 @@ from starlette.background import BackgroundTask
 from starlette.exceptions import HTTPException
 from starlette.responses import JSONResponse, Response, StreamingResponse
 
-from .cli import add_blend_args, add_model_args, blender_from_args, json_safe
+from .options import add_blend_args, add_model_args, blender_from_args, json_safe
 from .blender import METHODS, Blender, Step
 
 MAX_BODY_BYTES = 1 << 20
