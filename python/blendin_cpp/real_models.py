@@ -171,6 +171,13 @@ def cached_path(name: str, *, cache: Path | None = None, registry: dict[str, Rea
         return None
 
 
+def model_of(path: str | os.PathLike) -> RealModel | None:
+    """The registry's model a file is (by its cache name and size), or None."""
+    p = Path(path)
+    m = MODELS.get(p.name[:-len(".gguf")]) if p.name.endswith(".gguf") else None
+    return m if m is not None and p.is_file() and p.stat().st_size == m.size else None
+
+
 def sha256_of(path: Path) -> str:
     h = hashlib.sha256()
     with open(path, "rb") as f:
