@@ -199,6 +199,26 @@ def test_cross_vocabulary_pair_blends_and_both_views_agree(cross, method):
     assert written.decode("utf-8", errors="replace") == r.text
 
 
+def test_cross_vocabulary_pair_equals_an_independent_python_loop(real):
+    """bench/python_peer.py builds the bridge from llama-cpp-python's token pieces and re-reads the
+    text for the guide in Python: the same map, and the same greedy tokens as the engine's naive
+    loop (both decode the same tokens in the same batches)."""
+    sys.path.insert(0, str(ROOT / "bench"))
+    from python_peer import PythonBlendIn, load as peer_load, vocab_map
+    pair = real_models.PAIRS["real"]
+    kw = dict(n_ctx=N_CTX, n_threads=THREADS)
+    blender = bc.Blender(bc.Model(real[pair.base], **kw), bc.Model(real[pair.guide], **kw), lazy=False)
+    base, guide = peer_load(real[pair.base], **kw), peer_load(real[pair.guide], **kw)
+    bridge = vocab_map(base, guide)
+    assert list(bridge) == bc._core.VocabBridge(blender.base._handle, blender.guide._handle).map()
+    eog = [t for t in blender.base.special_tokens.values() if t >= 0 and blender.base.is_eog(t)]
+    peer = PythonBlendIn(base, guide, gamma=GAMMA, eog=eog, bridge=bridge)
+    r = blender.complete(QUESTION, max_tokens=48)
+    assert r.stats["interventions"] > 0
+    assert peer.generate(*blender.prompts(QUESTION), 48) == r.tokens
+    assert peer.interventions == r.stats["interventions"]
+
+
 def test_cross_vocabulary_pair_refuses_logit_arithmetic(cross):
     with pytest.raises(ValueError, match="needs a guide that shares the base's vocabulary"):
         cross.complete(QUESTION, max_tokens=4, method="dera")
