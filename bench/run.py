@@ -238,10 +238,10 @@ def bench_pair(pair: dict, args, configs: list[str]) -> dict:
                       if len(runs[c]) > r))
     memory = {c: w.close() for c, w in workers.items()}
     shutil.rmtree(tmp)  # kept when a worker fails: its stderr and the servers' logs are there
-    result = {"pair": name, "base": pair["base"], "guide": pair["guide"], "bridged": pair["bridged"],
-              "not_applicable": skipped, "gamma": pair["gamma"], "gamma_how": pair["gamma_how"],
-              "prompts": len(pair["prompts"]),
-              "repeats": args.repeats, "http_repeats": repeats.get("http_peer"),
+    result = {"pair": name, "base": Path(pair["base"]).name, "guide": Path(pair["guide"]).name,
+              "bridged": pair["bridged"], "not_applicable": skipped, "gamma": pair["gamma"],
+              "gamma_how": pair["gamma_how"], "prompts": len(pair["prompts"]), "repeats": args.repeats,
+              "http_repeats": repeats.get("http_peer"),
               "models_only_rss_kb": memory["models_only"]["peak_rss_kb"], "configs": {}}
     for c in configs:
         rates = [run["stats"]["tokens"] / run["seconds"] for run in runs[c]]

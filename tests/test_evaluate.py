@@ -57,7 +57,8 @@ def test_cell_aggregates():
     assert r["intervention_rate"] == pytest.approx(0.2) and r["mean_alpha"] == pytest.approx(0.5)
     assert Cell().row()["mean_alpha"] is None
     assert r["tokens_per_s"] == pytest.approx((4 + 6) / (0.1 + 0.1))  # arithmetic on the stats given above
-    assert r["examples"][0]["failure"] == "format"
+    assert [x["result"] for x in r["responses"]] == ["correct", "format"]
+    assert r["responses"][1]["got"] == "it is 7" and r["responses"][1]["finish_reason"] == "length"
 
 
 @pytest.mark.parametrize("row, message", [

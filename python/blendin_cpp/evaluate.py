@@ -77,7 +77,7 @@ class Cell:
     alpha_sum: float = 0.0
     alpha_n: int = 0
     seconds: float = 0.0
-    examples: list = field(default_factory=list)
+    responses: list = field(default_factory=list)  # every answer and how it was scored
 
     def add(self, q: dict, text: str, stats: dict) -> None:
         kind = failure_kind(q["answers"], q.get("value", ""), text, q["match"])
@@ -92,8 +92,8 @@ class Cell:
             self.alpha_sum += stats["mean_alpha"] * stats["interventions"]
             self.alpha_n += stats["interventions"]
         self.seconds += stats["generate_s"]
-        if kind != "correct" and len(self.examples) < 3:
-            self.examples.append({"question": q["question"], "expected": q["answers"], "got": text, "failure": kind})
+        self.responses.append({"question": q["question"], "expected": q["answers"], "match": q["match"], "got": text,
+                               "result": kind, "finish_reason": stats["finish_reason"]})
 
     def row(self) -> dict:
         return {
@@ -105,7 +105,7 @@ class Cell:
             "intervention_rate": self.interventions / self.tokens if self.tokens else 0.0,
             "mean_alpha": self.alpha_sum / self.alpha_n if self.alpha_n else None,  # None: no mixing weight
             "tokens_per_s": self.tokens / self.seconds if self.seconds else 0.0,
-            "examples": self.examples,
+            "responses": self.responses,
         }
 
 
