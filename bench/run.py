@@ -2,6 +2,8 @@
 
     python bench/run.py                  # demo pair (when trained), 32k and 128k pairs
     python bench/run.py --quick          # 32k pair only, fewer tokens and repeats, no HTTP peer
+    python bench/run.py --pairs real,qwen            # the real pairs (downloaded on first use)
+    python bench/run.py --base B.gguf --guide G.gguf  # any pair
 
 Every configuration runs in its own process (bench/workers.py) on the same prompts and models;
 the repeats go round-robin over the configurations, so that a slow spell of a shared machine
@@ -24,11 +26,14 @@ import time
 from pathlib import Path
 
 import blendin_cpp as bc
+from blendin_cpp import real_models
 from blendin_cpp.chat_template import base_transcript
 from blendin_cpp.testing import make_tokenizer, random_llama
 
 HERE = Path(__file__).resolve().parent
 CACHE = HERE / ".models"
+# prompts for real models: open requests with long answers, none of them from the eval's questions
+REAL_PROMPTS = HERE.parent / "models" / "real" / "bench_prompts.jsonl"
 
 # The random pairs of DESIGN.md section 6: base 512 x 4 layers, guide 256 x 2, f16, one tokenizer.
 # logit_std puts the base's top probability around 0.4 often enough; gamma is then calibrated so
@@ -124,9 +129,19 @@ def calibrate_gamma(blender: bc.Blender, prompts: list[dict], max_tokens: int) -
     return gamma, rate
 
 
+def read_prompts(path: Path) -> list[str]:
+    lines = [line for line in path.read_text(encoding="utf-8").splitlines() if line.strip()]
+    return [json.loads(line)["question"] if line.lstrip().startswith("{") else line for line in lines]
+
+
 def prepare(name: str, args) -> dict | None:
     """Paths, prompts, gamma and end tokens of one pair (None: skip it)."""
-    if name == "demo":
+    if name in real_models.PAIRS or name == "user":
+        base, guide = real_models.pair_paths(name) if name != "user" else (args.base, args.guide)
+        if name == "user":
+            name = f"{Path(base).stem}+{Path(guide).stem}"
+        questions = read_prompts(Path(args.prompts))
+    elif name == "demo":
         questions = demo_questions(args.demo_questions)
         if questions is None:
             log("[demo] skipped: the demo models are not there yet (models/demo/base.gguf and dev.jsonl); "
@@ -138,14 +153,15 @@ def prepare(name: str, args) -> dict | None:
         base, guide = random_pair(name, RANDOM_PAIRS[name])
         questions = RANDOM_QUESTIONS[:args.random_questions]
     else:
-        raise SystemExit(f"unknown pair {name!r}; choose from demo, {', '.join(RANDOM_PAIRS)}")
+        raise SystemExit(f"unknown pair {name!r}; choose from demo, {', '.join([*RANDOM_PAIRS, *real_models.PAIRS])}")
     kw = dict(n_ctx=args.n_ctx, n_threads=args.threads, kv_type="f16")
     bm, gm = bc.Model(base, **kw), bc.Model(guide, **kw)
     blender = bc.Blender(bm, gm, method="blendin", gamma=0.4)
     prompts = prompts_for(blender, questions)
+    bridged = blender._engine.bridged
     eog = sorted({t for t in bm.special_tokens.values() if t >= 0 and bm.is_eog(t)})
-    if name == "demo":
-        gamma, rate, how = 0.4, None, "fixed"
+    if name not in RANDOM_PAIRS:  # trained models: BlendIn's default gamma, not tuned to the prompts
+        gamma, how = 0.4, "fixed"
     else:
         key = hashlib.sha1(json.dumps([base, prompts, args.tokens, TARGET_RATE]).encode()).hexdigest()[:16]
         cache = CACHE / "gamma.json"
@@ -157,8 +173,9 @@ def prepare(name: str, args) -> dict | None:
             log(f"[{name}] calibrated gamma in {time.perf_counter() - t0:.0f} s")
         gamma, how = known[key][0], "calibrated"
     del blender, bm, gm
-    return dict(name=name, base=base, guide=guide, prompts=prompts, eog=eog, gamma=gamma,
-                gamma_how=how, n_ctx=args.n_ctx, n_threads=args.threads, end_on_empty=name == "demo")
+    # the HTTP peer sees control tokens as "": trained models end there, random ones never should
+    return dict(name=name, base=base, guide=guide, prompts=prompts, eog=eog, gamma=gamma, bridged=bridged,
+                gamma_how=how, n_ctx=args.n_ctx, n_threads=args.threads, end_on_empty=name not in RANDOM_PAIRS)
 
 
 # ---- running the workers --------------------------------------------------------------------------
@@ -191,8 +208,17 @@ class Worker:
         return out
 
 
+# configurations that cannot run on a pair, and why (the table says n/a)
+def not_applicable(pair: dict, config: str) -> str | None:
+    if config == "blendin_speculative" and pair["bridged"]:
+        return "speculative verification needs a guide that shares the base's vocabulary"
+    return None
+
+
 def bench_pair(pair: dict, args, configs: list[str]) -> dict:
     name = pair["name"]
+    skipped = {c: why for c in configs if (why := not_applicable(pair, c))}
+    configs = [c for c in configs if c not in skipped]
     tmp = Path(tempfile.mkdtemp(prefix=f"blendin-bench-{name}-"))
     tokens = {c: args.http_tokens if c == "http_peer" else args.tokens for c in configs}
     repeats = {c: min(args.http_repeats, args.repeats) if c == "http_peer" else args.repeats for c in configs}
@@ -212,8 +238,10 @@ def bench_pair(pair: dict, args, configs: list[str]) -> dict:
                       if len(runs[c]) > r))
     memory = {c: w.close() for c, w in workers.items()}
     shutil.rmtree(tmp)  # kept when a worker fails: its stderr and the servers' logs are there
-    result = {"pair": name, "gamma": pair["gamma"], "gamma_how": pair["gamma_how"], "prompts": len(pair["prompts"]),
-              "repeats": args.repeats, "http_repeats": repeats.get("http_peer"),
+    result = {"pair": name, "base": Path(pair["base"]).name, "guide": Path(pair["guide"]).name,
+              "bridged": pair["bridged"], "not_applicable": skipped, "gamma": pair["gamma"],
+              "gamma_how": pair["gamma_how"], "prompts": len(pair["prompts"]), "repeats": args.repeats,
+              "http_repeats": repeats.get("http_peer"),
               "models_only_rss_kb": memory["models_only"]["peak_rss_kb"], "configs": {}}
     for c in configs:
         rates = [run["stats"]["tokens"] / run["seconds"] for run in runs[c]]
@@ -241,6 +269,10 @@ def checks(result: dict) -> list[str]:
     return lines
 
 
+def fmt_rate(tokens_per_s: float) -> str:
+    return f"{tokens_per_s:.0f}" if tokens_per_s >= 100 else f"{tokens_per_s:.1f}"  # real models are slow
+
+
 def fmt_ratio(a: float | None, b: float | None) -> str:
     return f"{a / b:.2f}x" if a and b else "-"
 
@@ -254,6 +286,8 @@ def table(result: dict) -> str:
             "drafted/accepted (rate)", "blended", "peak RSS MiB", "vs models only"]
     rows = []
     for c, label in ROWS:
+        if c in result.get("not_applicable", {}):
+            rows.append([label, "n/a (see below)"] + ["-"] * (len(head) - 2))
         if c not in cfg:
             continue
         v = cfg[c]
@@ -261,7 +295,8 @@ def table(result: dict) -> str:
         calls = st.get("decode_calls")
         drafted = st.get("drafted", 0)
         rows.append([
-            label, f"{st['tokens'] / result['prompts']:.0f} (max {v['max_tokens']})", f"{v['tokens_per_s']:.0f}", fmt_ratio(v["tokens_per_s"], base_ref),
+            label, f"{st['tokens'] / result['prompts']:.0f} (max {v['max_tokens']})", fmt_rate(v["tokens_per_s"]),
+            fmt_ratio(v["tokens_per_s"], base_ref),
             fmt_ratio(v["tokens_per_s"], peer_ref),
             f"{calls['base']}/{calls['guide']}" if calls else "-",
             f"{drafted}/{st['accepted']} ({st['accepted'] / drafted:.0%})" if drafted else "-",
@@ -305,7 +340,14 @@ def targets(result: dict) -> list[str]:
 def main(argv=None) -> None:
     ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     ap.add_argument("--quick", action="store_true", help="32k pair only, 64 tokens, 5 repeats, no HTTP peer")
-    ap.add_argument("--pairs", default="demo,32k,128k", help="comma-separated: demo, 32k, 128k")
+    ap.add_argument("--pairs", default=None,
+                    help="comma-separated: demo, 32k, 128k, " + ", ".join(real_models.PAIRS) +
+                         " (default: demo,32k,128k, or none with --base/--guide)")
+    ap.add_argument("--base", help="with --guide: also benchmark this pair (GGUF files)")
+    ap.add_argument("--guide")
+    ap.add_argument("--prompts", default=str(REAL_PROMPTS),
+                    help="prompts for the real pairs and --base/--guide: JSONL with 'question', or one per line "
+                         "(default: models/real/bench_prompts.jsonl)")
     ap.add_argument("--tokens", type=int, default=128, help="greedy tokens per prompt (at most)")
     ap.add_argument("--repeats", type=int, default=5)
     ap.add_argument("--http-tokens", type=int, default=32, help="tokens per prompt for the slow HTTP peer")
@@ -325,9 +367,13 @@ def main(argv=None) -> None:
         for result in saved["results"]:
             report(result)
         return
+    if (args.base is None) != (args.guide is None):
+        raise SystemExit("--base and --guide go together")
     if args.quick:
         args.pairs, args.tokens, args.repeats, args.no_http = "32k", 64, 5, True
         args.random_questions = min(args.random_questions, 2)
+    names = (args.pairs or ("" if args.base else "demo,32k,128k")).split(",")
+    names = [n.strip() for n in names if n.strip()] + (["user"] if args.base else [])
     configs = [c for c, _ in ROWS if not (c == "http_peer" and args.no_http)]
     if args.configs:
         unknown = set(args.configs.split(",")) - set(configs)
@@ -344,8 +390,8 @@ def main(argv=None) -> None:
               f"command: python bench/run.py {' '.join(argv if argv is not None else sys.argv[1:])}")
     print(header, flush=True)
     results = []
-    for name in args.pairs.split(","):
-        pair = prepare(name.strip(), args)
+    for name in names:
+        pair = prepare(name, args)
         if pair is None:
             continue
         results.append(bench_pair(pair, args, configs))
@@ -364,6 +410,8 @@ def report(result: dict) -> None:
     print(table(result))
     for line in checks(result) + targets(result):
         print("  " + line)
+    for c, why in result.get("not_applicable", {}).items():
+        print(f"  n/a {c}: {why}")
     if "http_peer" in result["configs"]:
         print("  (* the HTTP row's memory is the two servers' peak RSS plus the client's)")
     sys.stdout.flush()

@@ -77,9 +77,10 @@ class PythonPeer:
     """bench/python_peer.py: BlendIn in Python over llama-cpp-python and numpy."""
 
     def __init__(self, spec):
-        from python_peer import PythonBlendIn, load
+        from python_peer import PythonBlendIn, load, vocab_map
         base, guide = (load(spec[r], n_ctx=spec["n_ctx"], n_threads=spec["n_threads"]) for r in ("base", "guide"))
-        self.peer = PythonBlendIn(base, guide, gamma=spec["gamma"], alpha="auto", eog=spec["eog"])
+        bridge = vocab_map(base, guide) if spec["bridged"] else None  # untimed, like loading
+        self.peer = PythonBlendIn(base, guide, gamma=spec["gamma"], alpha="auto", eog=spec["eog"], bridge=bridge)
         self.max_tokens = spec["max_tokens"]
         for p in spec["prompts"]:
             assert tokenize(base, guide, p) == (p["base_tokens"], p["guide_tokens"]), "tokenized unlike blendin_cpp"

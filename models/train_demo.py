@@ -24,7 +24,7 @@ Outputs (in --out, default models/demo/):
   guide-xvocab.gguf      like guide.gguf but with a separately trained tokenizer of another size.
   heldout.jsonl          held-out questions (entities and sums no model saw a question about;
                          the guides never saw them at all), fields: question, answer, kind, value,
-                         entity, split, hazy.
+                         entity, split, hazy, match ("exact": the scoring rule of `eval`).
   dev.jsonl              a dev split built the same way (for tuning; disjoint from heldout).
 
 Prompt conventions the engine uses: the base gets "Question: {q}\\nAnswer:", the guides their
@@ -645,7 +645,7 @@ def main(argv=None) -> int:
             for f in world.part({split}):
                 fh.write(json.dumps({"question": f.question, "answer": f.answer, "kind": f.kind,
                                      "value": f.value, "entity": f.entity, "split": split,
-                                     "hazy": bool(f.distractors)}) + "\n")
+                                     "hazy": bool(f.distractors), "match": "exact"}) + "\n")
     guide_facts = world.part({"train"})
     print(f"world: {len(world.countries)} countries, {len(world.sums)} sums, {len(world.facts)} facts, "
           f"{len(guide_facts)} known to the guides", flush=True)

@@ -284,3 +284,30 @@ def test_old_turns_are_dropped_when_the_context_is_full(pair):
         list(chat.ask(question))
     assert dropped > 0 and chat.first == dropped and len(chat.turns) == 6
     assert len(chat.messages()) == 2 * (6 - dropped)
+
+
+def test_the_demo_banner_says_what_the_models_know():
+    """On the bundled pair the banner says what the demo world holds and suggests questions from
+    the dev split, which the pair then answers as its training taught it."""
+    expected = {json.loads(line)["question"]: json.loads(line)["answer"]
+                for line in (demo.demo_dir() / "dev.jsonl").read_text().splitlines()}
+    questions = demo.EXAMPLE_QUESTIONS
+    assert all(q in expected for q in questions)
+    for q in questions:  # each as the first question of a conversation, as the banner advises
+        r = subprocess.run([sys.executable, "-m", "blendin_cpp", "chat", "--threads", "1"], input=q + "\n",
+                           capture_output=True, text=True, timeout=120, env=clean_env())
+        assert r.returncode == 0, r.stderr
+        assert "made-up world of countries, with their capitals and flag colours" in r.stderr
+        assert "Try: " + "  ".join(f'"{q}"' for q in questions) + " (/reset between questions)" in r.stderr
+        assert r.stdout == " " + expected[q] + "\n"
+
+
+def test_another_pair_gets_its_model_names(model_dir, shared_tokenizer):
+    paths = [str(random_llama(model_dir / f"banner_{role}.gguf", n_embd=32, n_layer=1, n_head=2, seed=seed,
+                              tokenizer=shared_tokenizer)) for role, seed in (("base", 61), ("guide", 62))]
+    r = subprocess.run([sys.executable, "-m", "blendin_cpp", "chat", "--base", paths[0], "--guide", paths[1],
+                        "--threads", "1"], input="", capture_output=True, text=True, timeout=60, env=clean_env())
+    assert r.returncode == 0, r.stderr
+    names = [bc.Model(p, n_ctx=64).metadata["general.name"] for p in paths]
+    assert f"\nbase: {names[0]}\nguide: {names[1]}\n" in r.stderr
+    assert "made-up world" not in r.stderr

@@ -211,14 +211,14 @@ def reward_from_spec(blender: Blender, spec: str, args) -> Reward:
 
 
 def _blender(args):
-    from .cli import blender_from_args
+    from .options import blender_from_args
     return blender_from_args(args, n_seq_max=args.n_seq)
 
 
 def cmd_bon(args) -> int:
     import json
     import sys
-    from .cli import json_safe
+    from .options import json_safe
 
     blender = _blender(args)
     reward = reward_from_spec(blender, args.reward, args)
@@ -277,7 +277,7 @@ def cmd_winrate(args) -> int:
 
 
 def add_parser(sub) -> None:
-    from .cli import add_blend_args, add_model_args
+    from .options import add_blend_args, add_model_args
 
     def common(p):
         add_model_args(p)

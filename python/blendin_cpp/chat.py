@@ -14,7 +14,8 @@ import sys
 from dataclasses import dataclass
 from typing import Iterator
 
-from .cli import add_blend_args, add_model_args, blender_from_args, json_safe, parse_alpha, sampling_kwargs
+from . import demo, real_models
+from .options import add_blend_args, add_model_args, blender_from_args, json_safe, parse_alpha, sampling_kwargs
 from ._core import BlendError
 from .blender import METHODS, RANGES, Blender, Step
 from .chat_template import base_transcript
@@ -410,8 +411,33 @@ class Terminal:
         return "\n".join(lines)
 
 
+def banner(blender: Blender) -> list[str]:
+    """A few lines on what the models are: for the bundled demo pair, what it knows and questions
+    to try (it knows nothing else: a greeting gets a made-up sum); otherwise the models' names."""
+    paths = [m.path for m in (blender.base, blender.guide) if m is not None]
+    try:
+        is_demo = [os.path.realpath(p) for p in paths] == [os.path.realpath(demo.demo_path(r)) for r in ("base", "guide")]
+    except FileNotFoundError:  # no demo models installed
+        is_demo = False
+    if is_demo:
+        tries = "  ".join(f'"{q}"' for q in demo.EXAMPLE_QUESTIONS)
+        return ["The demo pair: tiny models trained on a made-up world of countries, with their capitals and flag "
+                "colours, and on sums of two-digit numbers, one question at a time. They know nothing else (\"Hello!\" "
+                "gets a made-up sum).",
+                f"Try: {tries} (/reset between questions)"]
+    lines = []
+    for role, m in (("base", blender.base), ("guide", blender.guide)):
+        if m is not None:
+            known = real_models.model_of(m.path)
+            name = known.description if known else m.metadata.get("general.name") or os.path.basename(m.path)
+            lines.append(f"{role}: {name}")
+    return lines
+
+
 def cmd_chat(args) -> int:
     blender = blender_from_args(args, log=sys.stderr)
+    for line in banner(blender):
+        print(line, file=sys.stderr)
     chat = Chat(blender, sampling_kwargs(args), system=args.system)
     color = not args.no_color and sys.stdout.isatty() and not os.environ.get("NO_COLOR")
     return Terminal(chat, color=color, interactive=sys.stdin.isatty()).run()

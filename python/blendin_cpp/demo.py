@@ -25,3 +25,9 @@ def demo_path(role: str) -> str:
 
 def heldout_path() -> str:
     return str(demo_dir() / "heldout.jsonl")
+
+
+# Questions for the chat's banner: from the dev split (the guides never trained on them), one of
+# each kind, chosen among those the pair answers right with the default settings
+# (tests/test_chat.py checks that it still does).
+EXAMPLE_QUESTIONS = ("What is the capital of Gafashe?", "What colour is the flag of Nabateand?", "What is 38 + 41?")

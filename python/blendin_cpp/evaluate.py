@@ -1,9 +1,23 @@
-"""`python -m blendin_cpp eval`: held-out questions through every method on every demo pair.
+"""`python -m blendin_cpp eval`: a question set through every method, on the demo pairs or on any pair.
 
-Scoring is rule-based: an answer is correct when the generated text, cut at the end token and
-stripped of surrounding whitespace, equals the expected answer exactly. Wrong answers are split
-into *format* failures (the expected value appears in the text, the answer's form does not) and
-*content* failures (the value is missing: the model did not know, or said something else).
+    python -m blendin_cpp eval                                    # the demo pairs, the bundled held-out set
+    python -m blendin_cpp eval --pair real --questions models/real/questions.jsonl
+    python -m blendin_cpp eval --base B.gguf --guide G.gguf --questions FILE.jsonl --json out.json
+
+A question file is JSONL, one object per line: `question`, and `answer` (a string) or `answers` (a
+list: any one counts); optional `value` (the fact itself, to tell format from content failures)
+and `match`. Scoring is rule-based, per question:
+- `"match": "exact"`: the answer, stripped of surrounding whitespace, equals the expected answer
+  (the bundled demo sets, whose answers are whole sentences such as "Sure! Its capital is Mudozi.");
+- `"match": "contains"` (the default, or `--match`): one of the expected answers occurs in the
+  answer, both lower-cased with whitespace runs made one space.
+A wrong answer is a *format* failure when `value` is in it, else a *content* failure.
+
+Every question is asked greedily as one user message (the base reads "Question: ...\\nAnswer:",
+the guide its chat template) and the answer ends at an end token, where the base starts the
+transcript's next "\\nQuestion:", or at --max-tokens. Per method: accuracy, `ended` (the share of
+answers that ended by themselves rather than at --max-tokens), the intervention rate, the mean
+alpha where a mixing weight applies, and tokens/s.
 """
 from __future__ import annotations
 
@@ -16,25 +30,36 @@ from pathlib import Path
 
 from . import demo
 from .blender import METHODS, Blender
+from .chat import NEXT_QUESTION
 from .model import Model
+from .options import add_model_args, load_models, pair_of
 
 # the demo pairs: which guide, and whether the proxy method's anti fits it (the anti is the
 # pretraining stage of the same-vocabulary guides)
-PAIRS = {
+DEMO_PAIRS = {
     "reliable": "guide",
     "unreliable": "guide-unreliable",
     "xvocab": "guide-xvocab",
 }
+MATCHES = ("exact", "contains")
 
 
-def score(expected: str, text: str) -> bool:
-    """Exact match after stripping surrounding whitespace."""
-    return text.strip() == expected.strip()
+def _normal(text: str) -> str:
+    return " ".join(text.lower().split())
 
 
-def failure_kind(expected: str, value: str, text: str) -> str:
+def score(expected: str | list[str], text: str, match: str) -> bool:
+    """`exact`: equal after stripping surrounding whitespace; `contains`: one of the expected
+    answers occurs in the text, case and whitespace runs aside."""
+    answers = [expected] if isinstance(expected, str) else expected
+    if match == "exact":
+        return any(text.strip() == a.strip() for a in answers)
+    return any(_normal(a) in _normal(text) for a in answers)
+
+
+def failure_kind(expected: str | list[str], value: str, text: str, match: str) -> str:
     """'correct', 'format' (the right value in the wrong form) or 'content' (the value is not there)."""
-    if score(expected, text):
+    if score(expected, text, match):
         return "correct"
     return "format" if value and value in text else "content"
 
@@ -44,6 +69,7 @@ class Cell:
     """One method on one pair over the question set."""
     n: int = 0
     correct: int = 0
+    ended: int = 0
     format_errors: int = 0
     content_errors: int = 0
     tokens: int = 0
@@ -51,12 +77,13 @@ class Cell:
     alpha_sum: float = 0.0
     alpha_n: int = 0
     seconds: float = 0.0
-    examples: list = field(default_factory=list)
+    responses: list = field(default_factory=list)  # every answer and how it was scored
 
     def add(self, q: dict, text: str, stats: dict) -> None:
-        kind = failure_kind(q["answer"], q.get("value", ""), text)
+        kind = failure_kind(q["answers"], q.get("value", ""), text, q["match"])
         self.n += 1
         self.correct += kind == "correct"
+        self.ended += stats["finish_reason"] == "stop"
         self.format_errors += kind == "format"
         self.content_errors += kind == "content"
         self.tokens += stats["tokens"]
@@ -65,102 +92,165 @@ class Cell:
             self.alpha_sum += stats["mean_alpha"] * stats["interventions"]
             self.alpha_n += stats["interventions"]
         self.seconds += stats["generate_s"]
-        if kind != "correct" and len(self.examples) < 3:
-            self.examples.append({"question": q["question"], "expected": q["answer"], "got": text, "failure": kind})
+        self.responses.append({"question": q["question"], "expected": q["answers"], "match": q["match"], "got": text,
+                               "result": kind, "finish_reason": stats["finish_reason"]})
 
     def row(self) -> dict:
         return {
             "n": self.n,
             "accuracy": self.correct / self.n if self.n else 0.0,
+            "ended": self.ended / self.n if self.n else 0.0,
             "format_errors": self.format_errors,
             "content_errors": self.content_errors,
             "intervention_rate": self.interventions / self.tokens if self.tokens else 0.0,
             "mean_alpha": self.alpha_sum / self.alpha_n if self.alpha_n else None,  # None: no mixing weight
             "tokens_per_s": self.tokens / self.seconds if self.seconds else 0.0,
-            "examples": self.examples,
+            "responses": self.responses,
         }
 
 
-def load_questions(path: str | None, limit: int | None) -> list[dict]:
+def load_questions(path: str | None, limit: int | None, match: str | None = None) -> list[dict]:
+    """Rows with `question`, `answers` (a list) and `match`: the row's own rule, else `match`,
+    else contains. Default file: the bundled demo held-out set."""
     path = path or demo.heldout_path()
-    questions = [json.loads(line) for line in Path(path).read_text().splitlines() if line.strip()]
-    for i, q in enumerate(questions):
-        if not isinstance(q, dict) or "question" not in q or "answer" not in q:
-            raise ValueError(f"{path}: line {i + 1} needs 'question' and 'answer'")
-    return questions[:limit] if limit else questions
+    if match is not None and match not in MATCHES:
+        raise ValueError(f"--match must be one of {', '.join(MATCHES)}, not {match!r}")
+    rows = []
+    for i, line in enumerate(Path(path).read_text(encoding="utf-8").splitlines()):
+        if not line.strip():
+            continue
+        where = f"{path}: line {i + 1}"
+        try:
+            q = json.loads(line)
+        except json.JSONDecodeError as e:
+            raise ValueError(f"{where} is not JSON ({e.msg})") from None
+        if not isinstance(q, dict) or not isinstance(q.get("question"), str) or ("answer" in q) == ("answers" in q):
+            raise ValueError(f"{where} needs 'question' and 'answer' (a string) or 'answers' (a list)")
+        answers = [q["answer"]] if "answer" in q else q["answers"]
+        if not isinstance(answers, list) or not answers or not all(isinstance(a, str) and a.strip() for a in answers):
+            raise ValueError(f"{where}: the expected answers must be non-empty strings")
+        rule = q.get("match", match or "contains")
+        if rule not in MATCHES:
+            raise ValueError(f"{where}: match must be one of {', '.join(MATCHES)}, not {rule!r}")
+        rows.append({**q, "answers": answers, "match": rule})
+    if not rows:
+        raise ValueError(f"{path} has no questions")
+    return rows[:limit] if limit else rows
+
+
+def skip_reason(blender: Blender, method: str) -> str | None:
+    if method in ("proxy", "dera") and blender._engine.bridged:
+        return "needs a guide that shares the base's vocabulary"
+    if method == "proxy" and blender.anti is None:
+        return "needs --anti (the guide's untuned sibling)"
+    if method != "base" and blender.guide is None:
+        return "needs a guide"
+    return None
+
+
+def evaluate_pair(blender: Blender, methods: list[str], questions: list[dict], *, max_tokens: int = 48,
+                  progress=None, label: str = "", base_cell: Cell | None = None) -> tuple[dict, dict, Cell | None]:
+    """Greedy answers for every method on one pair: ({method: row}, {method: why skipped}, the
+    base-alone cell, which does not depend on the guide and can be handed to the next pair)."""
+    rows, skipped = {}, {}
+    for method in methods:
+        why = skip_reason(blender, method)
+        if why:
+            skipped[method] = why
+            continue
+        if method == "base" and base_cell is not None:
+            rows[method] = base_cell.row()
+            continue
+        cell = Cell()
+        for i, q in enumerate(questions):
+            # the answer ends where the base starts the transcript's next question, as in the chat
+            r = blender.complete([{"role": "user", "content": q["question"]}], max_tokens=max_tokens, method=method,
+                                 stop=[NEXT_QUESTION])
+            cell.add(q, r.text, r.stats)
+            if progress:
+                progress(label, method, i + 1, len(questions))
+        rows[method] = cell.row()
+        if method == "base":
+            base_cell = cell
+    return rows, skipped, base_cell
 
 
 def evaluate(pairs: list[str], methods: list[str], questions: list[dict], *, gamma: float = 0.4,
-             max_tokens: int = 48, n_threads: int | None = None, progress=None) -> dict:
-    """Greedy answers for every (pair, method); returns {pair: {method: row}} plus skipped pairs."""
-    kw = dict(n_ctx=512, n_threads=n_threads)
+             max_tokens: int = 48, n_threads: int | None = None, n_gpu_layers: int = 0, progress=None) -> dict:
+    """The demo pairs: {"pairs": {pair: {method: row}}, "skipped": {...}, "models": {...}}."""
+    kw = dict(n_ctx=512, n_threads=n_threads, n_gpu_layers=n_gpu_layers)
     base = Model(demo.demo_path("base"), **kw)
     anti = Model(demo.demo_path("anti"), **kw)
-    results: dict = {"pairs": {}, "skipped": {}}
-    base_cell: Cell | None = None
+    results: dict = {"pairs": {}, "skipped": {}, "models": {}}
+    base_cell = None
     for pair in pairs:
-        try:
-            guide = Model(demo.demo_path(PAIRS[pair]), **kw)
-            blender = Blender(base, guide, anti=anti, gamma=gamma)
-        except ValueError as e:  # e.g. a guide whose tokenizer differs from the base's
-            results["skipped"][pair] = str(e)
-            continue
-        rows = {}
-        for method in methods:
-            if blender._engine.bridged and method in ("proxy", "dera"):
-                results["skipped"][f"{pair}/{method}"] = "needs a guide that shares the base's vocabulary"
-                continue
-            if method == "base" and base_cell is not None:  # the base alone does not depend on the pair
-                rows[method] = base_cell.row()
-                continue
-            cell = Cell()
-            for i, q in enumerate(questions):
-                r = blender.complete([{"role": "user", "content": q["question"]}], max_tokens=max_tokens,
-                                     method=method)
-                cell.add(q, r.text, r.stats)
-                if progress:
-                    progress(pair, method, i + 1, len(questions))
-            rows[method] = cell.row()
-            if method == "base":
-                base_cell = cell
+        guide = Model(demo.demo_path(DEMO_PAIRS[pair]), **kw)
+        blender = Blender(base, guide, anti=anti, gamma=gamma)
+        rows, skipped, base_cell = evaluate_pair(blender, methods, questions, max_tokens=max_tokens,
+                                                 progress=progress, label=pair, base_cell=base_cell)
         results["pairs"][pair] = rows
+        results["skipped"].update({f"{pair}/{m}": why for m, why in skipped.items()})
+        results["models"][pair] = {"base": base.path, "guide": guide.path}
     return results
 
 
 def format_table(results: dict) -> str:
     lines = []
     for pair, rows in results["pairs"].items():
-        lines.append(f"pair: base + {PAIRS[pair]}")
-        lines.append(f"  {'method':<13} {'accuracy':>8} {'format':>7} {'content':>8} {'interv.':>8} {'alpha':>6} {'tok/s':>8}")
+        models = results["models"][pair]
+        lines.append(f"pair {pair}: base {Path(models['base']).name} + guide {Path(models['guide']).name}")
+        lines.append(f"  {'method':<13} {'accuracy':>8} {'ended':>6} {'format':>7} {'content':>8} {'interv.':>8} "
+                     f"{'alpha':>6} {'tok/s':>8}")
         for method, r in rows.items():
             alpha = "-" if r["mean_alpha"] is None else f"{r['mean_alpha']:.2f}"
-            lines.append(f"  {method:<13} {r['accuracy']:>8.1%} {r['format_errors']:>7} {r['content_errors']:>8} "
-                         f"{r['intervention_rate']:>8.1%} {alpha:>6} {r['tokens_per_s']:>8.0f}")
+            lines.append(f"  {method:<13} {r['accuracy']:>8.1%} {r['ended']:>6.0%} {r['format_errors']:>7} "
+                         f"{r['content_errors']:>8} {r['intervention_rate']:>8.1%} {alpha:>6} {r['tokens_per_s']:>8.1f}")
     for what, why in results["skipped"].items():
         lines.append(f"skipped {what}: {why}")
     return "\n".join(lines)
 
 
 def cmd_eval(args) -> int:
-    questions = load_questions(args.questions, args.limit)
     methods = args.methods.split(",") if args.methods else list(METHODS)
     for m in methods:
         if m not in METHODS:
             raise ValueError(f"unknown method {m!r}; choose from {', '.join(METHODS)}")
-    pairs = args.pairs.split(",")
-    for p in pairs:
-        if p not in PAIRS:
-            raise ValueError(f"unknown pair {p!r}; choose from {', '.join(PAIRS)}")
+    demo_models = pair_of(args) == "demo" and args.base is None and args.guide is None
+    if not demo_models and args.pairs is not None:
+        raise ValueError("--pairs chooses among the demo pairs; with --pair or --base/--guide leave it out")
+    if demo_models and args.av:
+        raise ValueError("--av applies to a pair given with --pair or --base/--guide, not to the demo pairs")
+    if not demo_models and args.questions is None:
+        raise ValueError("--questions FILE.jsonl is needed with --pair or --base/--guide (the bundled set is "
+                         "about the demo's made-up world)")
+    questions = load_questions(args.questions, args.limit, args.match)
 
     def progress(pair, method, i, n):
         if sys.stderr.isatty() or i == n:
             print(f"\r{pair:<10} {method:<13} {i}/{n}", end="\n" if i == n else "", file=sys.stderr, flush=True)
 
     t0 = time.perf_counter()
-    results = evaluate(pairs, methods, questions, gamma=args.gamma, max_tokens=args.max_tokens,
-                       n_threads=args.threads, progress=progress)
+    if demo_models:
+        pairs = (args.pairs or ",".join(DEMO_PAIRS)).split(",")
+        for p in pairs:
+            if p not in DEMO_PAIRS:
+                raise ValueError(f"unknown demo pair {p!r}; choose from {', '.join(DEMO_PAIRS)}")
+        results = evaluate(pairs, methods, questions, gamma=args.gamma, max_tokens=args.max_tokens,
+                           n_threads=args.threads, n_gpu_layers=args.n_gpu_layers, progress=progress)
+    else:
+        models = load_models(args, log=sys.stderr)
+        if models["guide"] is None:
+            raise ValueError("eval needs a guide model (--guide or --pair)")
+        blender = Blender(models["base"], models["guide"], anti=models["anti"], gamma=args.gamma)
+        label = args.pair or "+".join(Path(m.path).stem for m in (models["base"], models["guide"]))
+        rows, skipped, _ = evaluate_pair(blender, methods, questions, max_tokens=args.max_tokens, progress=progress,
+                                         label=label)
+        results = {"pairs": {label: rows}, "skipped": {f"{label}/{m}": why for m, why in skipped.items()},
+                   "models": {label: {r: m.path for r, m in models.items() if m is not None}}}
     results["questions"] = len(questions)
+    results["match"] = sorted({q["match"] for q in questions})
     results["gamma"] = args.gamma
+    results["max_tokens"] = args.max_tokens
     results["seconds"] = time.perf_counter() - t0
     print(format_table(results))
     if args.json:
@@ -170,14 +260,17 @@ def cmd_eval(args) -> int:
 
 
 def add_parser(sub) -> None:
-    p = sub.add_parser("eval", help="accuracy of every method on the demo pairs (held-out questions)",
+    p = sub.add_parser("eval", help="accuracy of every method on a question set (default: the demo pairs)",
                        description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    p.add_argument("--pairs", default=",".join(PAIRS), help="comma-separated: " + ", ".join(PAIRS))
+    add_model_args(p)
+    p.add_argument("--pairs", default=None,
+                   help="with the demo models: comma-separated demo pairs (default: " + ",".join(DEMO_PAIRS) + ")")
     p.add_argument("--methods", default=None, help="comma-separated (default: all)")
-    p.add_argument("--questions", default=None, help="a JSONL file (default: the bundled held-out set)")
+    p.add_argument("--questions", default=None, help="a JSONL file (default: the bundled demo held-out set)")
+    p.add_argument("--match", default=None, choices=MATCHES,
+                   help="the scoring rule of rows without their own 'match' (default: contains)")
     p.add_argument("--limit", type=int, default=None, help="only the first N questions")
     p.add_argument("--gamma", type=float, default=0.4)
     p.add_argument("--max-tokens", type=int, default=48)
-    p.add_argument("--threads", type=int, default=None)
     p.add_argument("--json", help="also write the results here")
     p.set_defaults(func=cmd_eval)

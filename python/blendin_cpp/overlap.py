@@ -46,7 +46,7 @@ def read_prompts(path: str, limit: int | None) -> list[str]:
 
 
 def cmd_overlap(args) -> int:
-    from .cli import blender_from_args
+    from .options import blender_from_args
     blender = blender_from_args(args)
     res = analyse(blender, read_prompts(args.prompts, args.limit), max_tokens=args.max_tokens, method=args.method,
                   gamma=args.gamma)
@@ -64,7 +64,7 @@ def cmd_overlap(args) -> int:
 
 
 def add_parser(sub) -> None:
-    from .cli import add_model_args
+    from .options import add_model_args
     p = sub.add_parser("overlap", help="BlendIn's vocabulary-overlap analysis of a model pair",
                        description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     add_model_args(p)

@@ -23,7 +23,7 @@ import os
 import sys
 from pathlib import Path
 
-from ..cli import add_blend_args, add_model_args, blender_from_args
+from ..options import add_blend_args, add_model_args, blender_from_args
 from .app import Server, create_app
 
 __all__ = ["Server", "create_app", "add_parser", "cmd_serve"]

@@ -5,7 +5,7 @@ import time
 import uuid
 
 from ..blender import Step
-from ..cli import json_safe
+from ..options import json_safe
 
 FINISH = {"stop": "stop", "length": "length", "context": "length"}
 

