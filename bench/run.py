@@ -52,11 +52,16 @@ ROWS = [  # (config, label) in table order
     ("blendin_naive", "blendin_cpp BlendIn naive (lazy=False)"),
     ("blendin_lazy", "blendin_cpp BlendIn lazy"),
     ("blendin_speculative", "blendin_cpp BlendIn lazy+speculative"),
+    ("blendin_auto", "blendin_cpp BlendIn speculative=auto"),
+    ("blendin_ngram", "blendin_cpp BlendIn speculative, n-gram drafts"),
     ("python_peer", "Python loop, llama-cpp-python + numpy"),
     ("http_peer", "per-token HTTP, top-100 logprobs"),
     ("llama_cpp_base", "base alone, llama-cpp-python"),
     ("blendin_cpp_base", "base alone, blendin_cpp engine"),
 ]
+
+
+BLENDIN_ROWS = [c for c, _ in ROWS if c.startswith("blendin_") and c != "blendin_cpp_base"]
 
 
 def log(msg: str) -> None:
@@ -210,7 +215,7 @@ class Worker:
 
 # configurations that cannot run on a pair, and why (the table says n/a)
 def not_applicable(pair: dict, config: str) -> str | None:
-    if config == "blendin_speculative" and pair["bridged"]:
+    if config in ("blendin_speculative", "blendin_auto", "blendin_ngram") and pair["bridged"]:
         return "speculative verification needs a guide that shares the base's vocabulary"
     return None
 
@@ -259,7 +264,7 @@ def checks(result: dict) -> list[str]:
     ref = cfg.get("blendin_naive")
     if ref is None:
         return lines
-    for c in ("blendin_lazy", "blendin_speculative", "python_peer"):
+    for c in [*BLENDIN_ROWS[1:], "python_peer"]:
         if c not in cfg:
             continue
         same = sum(a == b for a, b in zip(cfg[c]["outputs"], ref["outputs"]))
@@ -314,7 +319,7 @@ def table(result: dict) -> str:
 def targets(result: dict) -> list[str]:
     cfg = result["configs"]
     tps = lambda c: cfg[c]["tokens_per_s"] if c in cfg else None
-    best = max((c for c in ("blendin_naive", "blendin_lazy", "blendin_speculative") if c in cfg),
+    best = max((c for c in BLENDIN_ROWS if c in cfg),
                key=tps, default=None)
     if best is None:
         return []
@@ -329,7 +334,7 @@ def targets(result: dict) -> list[str]:
     check(f"best blendin_cpp ({best}) vs Python peer", ratio(best, "python_peer"), 1.5)
     check(f"best blendin_cpp ({best}) vs per-token HTTP", ratio(best, "http_peer"), 10.0)
     check(f"blended generation ({best}) vs base alone (llama-cpp-python)", ratio(best, "llama_cpp_base"), 1.0)
-    for c in ("blendin_naive", "blendin_lazy", "blendin_speculative"):
+    for c in BLENDIN_ROWS:
         if c in cfg:
             over = (cfg[c]["peak_rss_kb"] - models_kb) / models_kb
             out.append(f"{'MEETS' if over <= 0.05 else 'MISSES'}  peak memory of {c}: {over:+.1%} over the "

@@ -141,12 +141,19 @@ void Engine::start(const std::vector<Token>& base_prompt, const std::vector<Toke
                          bridge_->first_difference());
     guide_prompt_ = guide_prompt;
     if (retokenizer_) retokenizer_->reset();
-    decoder_ = std::make_unique<Decoder>(p, *facts_, p.sampling.seed, bridged());
     queue_.clear();
     draft_len_ = std::min(4, p.draft_max);
     drafted_ = accepted_ = 0;
     plain_steps_ = 0;
-    accept_ema_ = 0.8;
+    could_pay_ = -1;
+    // speculative auto: what was learnt of the pair's acceptance and pace carries over to the next
+    // generation that drafts the same way
+    if (p.speculative != Speculative::Auto || !decoder_ || decoder_->params().speculative != Speculative::Auto ||
+        decoder_->params().policy.method != m || decoder_->params().drafter != p.drafter) {
+        accept_ema_ = 0.8;
+        plain_pace_ = spec_pace_ = Pace{};
+    }
+    decoder_ = std::make_unique<Decoder>(p, *facts_, p.sampling.seed, bridged());
 
     t_start_ = std::chrono::steady_clock::now();
     for (int r = 0; r < kRoles; ++r) {
@@ -177,6 +184,7 @@ bool Engine::step(Step& out) {
     if (queue_.empty()) {
         if (!active_) return false;
         const int k = draft_length();
+        const auto t0 = std::chrono::steady_clock::now();
         if (k > 0) {
             speculate(k);
             plain_steps_ = 0;
@@ -184,6 +192,9 @@ bool Engine::step(Step& out) {
             plain_step();
             ++plain_steps_;
         }
+        // the pace of each way, in seconds per emitted token, for speculative="auto"
+        const double per_token = seconds(std::chrono::steady_clock::now() - t0) / static_cast<double>(queue_.size());
+        (k > 0 ? spec_pace_ : plain_pace_).add(per_token);
     }
     out = std::move(queue_.front());
     queue_.pop_front();
@@ -270,22 +281,26 @@ double Engine::round_cost(int k, double a) {
 }
 
 // How many tokens to draft now (0: decode this token plainly). `on`: always draft, the length
-// adapting to what was accepted, pausing while acceptance is low. `auto`: the length whose
-// measured cost pays most at the recent acceptance, or none; after a while without drafting one
-// short round probes the acceptance again, unless no length could pay even at 95%.
+// adapting to what was accepted, pausing while acceptance is low. `auto`: never, when the
+// measured batch costs say that no draft length could pay even at 95% acceptance (a CPU with a
+// large base); otherwise the length whose cost pays most at the recent acceptance, as long as
+// rounds keep a better pace (seconds per emitted token, measured) than plain steps; both ways
+// are tried a few times first, and drafting again after 32 plain steps keeps the pace current.
 int Engine::draft_length() {
     if (!can_speculate()) return 0;
     const GenParams& p = decoder_->params();
     if (p.speculative == Speculative::On) return accept_ema_ < 0.5 && plain_steps_ < 16 ? 0 : draft_len_;
-    int best = 0;
-    double cost = 0.95;  // a round must save at least 5% to be worth the rejected drafts' risk
-    for (int k = 1; k <= p.draft_max; ++k)
-        if (double c = round_cost(k, accept_ema_); c < cost) {
-            best = k;
-            cost = c;
-        }
-    if (best == 0 && plain_steps_ >= 32 && round_cost(2, 0.95) < 0.95) return 2;
-    return best;
+    if (could_pay_ < 0) {
+        could_pay_ = 0;
+        for (int k = 1; k <= p.draft_max && !could_pay_; ++k) could_pay_ = round_cost(k, 0.95) < 0.95;
+    }
+    if (!could_pay_) return 0;
+    int best = 1;
+    for (int k = 2; k <= p.draft_max; ++k)
+        if (round_cost(k, accept_ema_) < round_cost(best, accept_ema_)) best = k;
+    if (spec_pace_.n < 3) return best;
+    if (plain_pace_.n < 3) return 0;
+    return spec_pace_.seconds < plain_pace_.seconds || plain_steps_ >= 32 ? best : 0;
 }
 
 std::vector<Token> Engine::draft_with_guide(int k) {

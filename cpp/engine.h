@@ -93,6 +93,13 @@ private:
     int draft_len_ = 4;        // speculative on: the next draft's length
     long plain_steps_ = 0;     // since the last speculative round
     double accept_ema_ = 0.8;  // recent share of drafted positions accepted
+    int could_pay_ = -1;       // speculative auto: some draft length could pay (-1: not yet known)
+    struct Pace {              // recent seconds per emitted token
+        double seconds = 0;
+        int n = 0;
+        void add(double s) { seconds = n++ ? 0.8 * seconds + 0.2 * s : s; }
+    };
+    Pace plain_pace_, spec_pace_;
     long drafted_ = 0, accepted_ = 0;
     std::vector<std::vector<float>> guide_rows_, draft_q_;
     std::vector<float> base_row0_, guide_row0_, anti_row0_;
