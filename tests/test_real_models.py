@@ -279,3 +279,20 @@ def test_server_round_trip_with_the_openai_client(real, tmp_path):
     assert plain.usage.completion_tokens == len(want.tokens)
     assert plain.model_extra["blend"]["intervention_rate"] == pytest.approx(want.stats["intervention_rate"])
     assert json.loads(plain.model_dump_json())["model"] == "gemma-3-270m-q4_k_m+smollm2-135m-instruct-q4_1"
+
+
+@pytest.mark.parametrize("name", ["smollm2-135m-instruct-q4_1", "qwen2.5-coder-0.5b-instruct-q4_k_m",
+                                  "gemma-3-270m-q4_k_m"])
+def test_incremental_retokenization_equals_the_full_one(real, name):
+    """What a cross-vocabulary guide reads: the real tokenizers through the Retokenizer. The BPE
+    ones (SmolLM2, Qwen2) take the short way; Gemma's SentencePiece is tokenized in full."""
+    from blendin_cpp.testing import check_retokenizer, growing_text
+    model = bc.Model(real[name], n_ctx=64, n_threads=THREADS)
+    tail = full = 0
+    for seed in range(4):
+        rt = check_retokenizer(model, growing_text(seed, 80), seed)
+        tail, full = tail + rt.tail_passes, full + rt.full_passes
+    if name.startswith("gemma"):
+        assert tail == 0
+    else:
+        assert tail > 10 * full

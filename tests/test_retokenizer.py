@@ -1,37 +1,9 @@
 """A guide with its own vocabulary re-reads the growing text through its tokenizer; the
 Retokenizer tokenizes only the unsettled tail. Its tokens must always be the full tokenization's."""
-import random
-
 import pytest
 
 import blendin_cpp as bc
-from blendin_cpp.testing import make_tokenizer, random_llama
-
-WORDS = ["the", "capital", "of", "France", "is", "Paris", "and", "it's", "don't", "1234567", "3.14", "x", "é",
-         "naïve", "日本語", "🎉", "(paren)", "a,b", "--", "end.", "well...", "CamelCase", "snake_case", "1/2"]
-SEPARATORS = [" ", " ", " ", "  ", "\n", "\n\n", " \n", "\t", ", ", ". ", "   ", ""]
-
-
-def texts(seed: int, n: int = 60) -> str:
-    rng = random.Random(seed)
-    return "".join(rng.choice(WORDS) + rng.choice(SEPARATORS) for _ in range(n))
-
-
-def grow(model: bc.Model, text: str, seed: int) -> bc._core.Retokenizer:
-    """Feed `text` in random slices (as generated pieces arrive) and compare at every length."""
-    rt = bc._core.Retokenizer(model._handle)
-    data = text.encode()
-    rng = random.Random(seed)
-    at = 0
-    while at < len(data):
-        at = min(len(data), at + rng.randint(1, 6))
-        prefix = data[:at]
-        try:
-            prefix.decode()
-        except UnicodeDecodeError:
-            continue  # the engine never gives the guide half a character
-        assert rt.tokens(prefix) == model.tokenize(prefix.decode(), add_special=False), at
-    return rt
+from blendin_cpp.testing import check_retokenizer, growing_text, make_tokenizer, random_llama
 
 
 @pytest.fixture(scope="module")
@@ -41,7 +13,7 @@ def bpe_model(model_dir):
 
 @pytest.mark.parametrize("seed", range(6))
 def test_incremental_tokens_equal_the_full_tokenization(bpe_model, seed):
-    rt = grow(bpe_model, texts(seed), seed)
+    rt = check_retokenizer(bpe_model, growing_text(seed), seed)
     assert rt.tail_passes > 3 * rt.full_passes  # and it did take the short way most of the time
 
 

@@ -188,3 +188,37 @@ def perturbed_llama(path: str | Path, base: str | Path, *, scale: float = 0.05, 
         out[name] = (w + scale * np.linalg.norm(w) / max(np.linalg.norm(d), 1e-30) * d).astype(np.float32)
     return write_llama(path, shape, out, tok, name=f"perturbed-{Path(base).stem}", dtype=dtype,
                        chat_template=CHAT_TEMPLATE, metadata={"blendin.generator": "blendin_cpp.testing.perturbed_llama"})
+
+
+# ---- growing texts, for the Retokenizer ----------------------------------------------------------
+_WORDS = ["the", "capital", "of", "France", "is", "Paris", "and", "it's", "don't", "1234567", "3.14", "x", "é",
+          "naïve", "日本語", "🎉", "(paren)", "a,b", "--", "end.", "well...", "CamelCase", "snake_case", "1/2"]
+_SEPARATORS = [" ", " ", " ", "  ", "\n", "\n\n", " \n", "\t", ", ", ". ", "   ", ""]
+
+
+def growing_text(seed: int, n_words: int = 60) -> str:
+    """Words, digits, punctuation, accents, CJK and emoji between runs of spaces, tabs and newlines:
+    the places where a pre-tokenizer's chunks can move as text is appended."""
+    import random
+    rng = random.Random(seed)
+    return "".join(rng.choice(_WORDS) + rng.choice(_SEPARATORS) for _ in range(n_words))
+
+
+def check_retokenizer(model, text: str, seed: int):
+    """Feed `text` to a Retokenizer in random slices (as generated pieces arrive) and assert at
+    every length that its tokens are the model's full tokenization. Returns the Retokenizer."""
+    import random
+
+    from . import _core
+    rt = _core.Retokenizer(model._handle)
+    data = text.encode()
+    rng = random.Random(seed)
+    at = 0
+    while at < len(data):
+        at = min(len(data), at + rng.randint(1, 6))
+        try:
+            prefix = data[:at].decode()
+        except UnicodeDecodeError:
+            continue  # the engine never gives the guide half a character
+        assert rt.tokens(data[:at]) == model.tokenize(prefix, add_special=False), f"at byte {at} of {text!r}"
+    return rt
