@@ -27,7 +27,7 @@ def main() -> None:
 
     d = Path(tempfile.mkdtemp(prefix="bon-bench-"))
     tok = make_tokenizer(args.vocab, seed=1)
-    # shapes of DESIGN.md section 6: base 512 x 4, guide 256 x 2, f16
+    # shapes of docs/design.md section 6: base 512 x 4, guide 256 x 2, f16
     base = random_llama(d / "base.gguf", n_vocab=args.vocab, n_embd=512, n_layer=4, n_head=8, dtype="f16",
                         seed=1, tokenizer=tok, logit_std=6)
     guide = random_llama(d / "guide.gguf", n_vocab=args.vocab, n_embd=256, n_layer=2, n_head=4, dtype="f16",

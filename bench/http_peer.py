@@ -27,7 +27,8 @@ def free_port() -> int:
 
 
 class Server:
-    """`python -m llama_cpp.server` on 127.0.0.1, with logits_all on (logprobs need it)."""
+    """`python -m llama_cpp.server` on 127.0.0.1, with logits_all on (logprobs need it), loading
+    its model as blendin_cpp does (blendin_cpp.llama_cpp_peer)."""
 
     def __init__(self, model: str, *, n_ctx: int, n_threads: int, log: Path, end_tokens=()):
         self.port = free_port()
@@ -36,7 +37,7 @@ class Server:
         self.logit_bias = {str(t): -100.0 for t in end_tokens}
         self._log = open(log, "w")
         self.proc = subprocess.Popen(
-            [sys.executable, "-m", "llama_cpp.server", "--model", model, "--host", "127.0.0.1",
+            [sys.executable, "-m", "blendin_cpp.llama_cpp_peer", "server", "--model", model, "--host", "127.0.0.1",
              "--port", str(self.port), "--n_ctx", str(n_ctx), "--n_threads", str(n_threads),
              "--n_threads_batch", str(n_threads), "--logits_all", "true", "--flash_attn", "true",
              "--type_k", "1", "--type_v", "1", "--verbose", "false"],

@@ -1,5 +1,5 @@
 """BlendIn written the way a user would write it without blendin_cpp: two `llama_cpp.Llama` objects
-evaluated one token at a time, the gate, alpha and the mixture in numpy (DESIGN.md section 3).
+evaluated one token at a time, the gate, alpha and the mixture in numpy (docs/design.md section 3).
 
 This is the in-process peer of the benchmark (bench/run.py). It is the naive loop: both models
 decode every token, and the guide's logits are read only where the gate opens.
@@ -17,13 +17,15 @@ from typing import Sequence
 import llama_cpp
 import numpy as np
 
+from blendin_cpp import llama_cpp_peer
+
 GGML_TYPE_F16 = 1
 
 
 def load(path: str, *, n_ctx: int, n_threads: int) -> llama_cpp.Llama:
     """A llama-cpp-python model with the settings every peer of the benchmark shares."""
-    return llama_cpp.Llama(path, n_ctx=n_ctx, n_threads=n_threads, n_threads_batch=n_threads,
-                           type_k=GGML_TYPE_F16, type_v=GGML_TYPE_F16, flash_attn=True, verbose=False)
+    return llama_cpp_peer.load(path, n_ctx=n_ctx, n_threads=n_threads, n_threads_batch=n_threads,
+                               type_k=GGML_TYPE_F16, type_v=GGML_TYPE_F16, flash_attn=True, verbose=False)
 
 
 def softmax(logits: np.ndarray) -> np.ndarray:

@@ -1,4 +1,4 @@
-"""blendin_cpp against its peers (DESIGN.md section 6): tokens/s and peak memory in one run.
+"""blendin_cpp against its peers (docs/design.md section 6): tokens/s and peak memory in one run.
 
     python bench/run.py                  # demo pair (when trained), 32k and 128k pairs
     python bench/run.py --quick          # 32k pair only, fewer tokens and repeats, no HTTP peer
@@ -35,7 +35,7 @@ CACHE = HERE / ".models"
 # prompts for real models: open requests with long answers, none of them from the eval's questions
 REAL_PROMPTS = HERE.parent / "models" / "real" / "bench_prompts.jsonl"
 
-# The random pairs of DESIGN.md section 6: base 512 x 4 layers, guide 256 x 2, f16, one tokenizer.
+# The random pairs of docs/design.md section 6: base 512 x 4 layers, guide 256 x 2, f16, one tokenizer.
 # logit_std puts the base's top probability around 0.4 often enough; gamma is then calibrated so
 # that about half of the steps are blended.
 RANDOM_PAIRS = {"32k": 32000, "128k": 128256}

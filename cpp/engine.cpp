@@ -351,7 +351,7 @@ std::vector<Token> Engine::draft_from_context(int k) const {
     return {};
 }
 
-// Speculative verification (DESIGN.md section 4): a drafter proposes up to k tokens, the base
+// Speculative verification (docs/design.md section 4.2): a drafter proposes up to k tokens, the base
 // (and the anti) score them in one batch, and the policy decides each drafted position from the
 // models' logits there (Decoder::verify). Accepted tokens are already in the caches; at the first
 // rejection the caches roll back and the policy's own choice is emitted. All accepted: the base's

@@ -4,6 +4,7 @@
 #include <chrono>
 #include <cmath>
 #include <cstdio>
+#include <cstring>
 #include <deque>
 #include <filesystem>
 #include <mutex>
@@ -11,6 +12,7 @@
 
 #include "error.h"
 #include "gguf_check.h"
+#include "ggml-backend.h"
 #include "llama.h"
 
 namespace blendin {
@@ -20,8 +22,18 @@ namespace {
 std::mutex g_log_mutex;
 bool g_verbose = false;
 std::deque<std::string> g_errors;  // recent warnings/errors, to explain load failures
+// The model this thread is loading: llama.cpp logs the buffer types it chose from the loading
+// thread, and offers no other way to ask.
+thread_local std::vector<std::pair<std::string, double>>* t_buffer_types = nullptr;
 
 void log_callback(ggml_log_level level, const char* text, void*) {
+    if (t_buffer_types && level == GGML_LOG_LEVEL_INFO) {
+        char name[64];
+        double mib = 0;
+        if (const char* at = std::strstr(text, ": "))
+            if (std::sscanf(at + 2, "%63s model buffer size = %lf MiB", name, &mib) == 2)
+                t_buffer_types->emplace_back(name, mib);
+    }
     std::lock_guard<std::mutex> lock(g_log_mutex);
     if (g_verbose) std::fputs(text, stderr);
     if (level == GGML_LOG_LEVEL_ERROR || level == GGML_LOG_LEVEL_WARN) {
@@ -78,6 +90,24 @@ void set_verbose(bool on) {
 
 std::string last_log_errors() { return take_errors(); }
 
+std::vector<std::string> cpu_extra_buffer_types() {
+    install_logging();
+    std::vector<std::string> out;
+    ggml_backend_dev_t cpu = ggml_backend_dev_by_type(GGML_BACKEND_DEVICE_TYPE_CPU);
+    if (!cpu) return out;
+    auto get = reinterpret_cast<ggml_backend_dev_get_extra_bufts_t>(
+        ggml_backend_reg_get_proc_address(ggml_backend_dev_backend_reg(cpu), "ggml_backend_dev_get_extra_bufts"));
+    for (ggml_backend_buffer_type_t* b = get ? get(cpu) : nullptr; b && *b; ++b) out.emplace_back(ggml_backend_buft_name(*b));
+    return out;
+}
+
+bool use_extra_buffer_types(bool amx) {
+    if (amx) return true;
+    for (const std::string& name : cpu_extra_buffer_types())
+        if (name.find("AMX") != std::string::npos) return false;
+    return true;
+}
+
 // ---- lifetime ----
 Model::Model(const std::string& path, const ModelParams& p,
              const std::vector<std::pair<std::string, float>>& adapters)
@@ -93,7 +123,10 @@ Model::Model(const std::string& path, const ModelParams& p,
 
     llama_model_params mp = llama_model_default_params();
     mp.n_gpu_layers = p.n_gpu_layers;
+    mp.use_extra_bufts = use_extra_buffer_types(p.amx);
+    t_buffer_types = &buffer_types_;
     model_ = llama_model_load_from_file(path.c_str(), mp);
+    t_buffer_types = nullptr;
     if (!model_) {
         std::string why = take_errors();
         throw ValueError("llama.cpp could not load '" + path + "'" + (why.empty() ? "" : ": " + why));

@@ -33,7 +33,18 @@ struct ModelParams {
     int n_gpu_layers = 0;   // -1: all
     int n_threads = 0;      // 0: all hardware threads
     std::string kv_type = "f16";  // f16, f32 or q8_0 for the K and V caches
+    // Let llama.cpp place weights in its AMX buffer type where the CPU backend offers one. Off by
+    // default: llama.cpp's AMX matmul segfaults on quantized models on some Xeons (llama.cpp issue
+    // 20824), so where AMX is offered the default load uses no extra buffer type at all.
+    bool amx = false;
 };
+
+// The CPU backend's extra weight buffer types in this build on this CPU, in llama.cpp's order of
+// preference (for example "AMX", "CPU_REPACK").
+std::vector<std::string> cpu_extra_buffer_types();
+// Whether a load may use the extra buffer types: llama.cpp takes all of them or none, so a CPU
+// that offers AMX gets none unless `amx` is asked for (repacking is lost there, AMX is never used).
+bool use_extra_buffer_types(bool amx);
 
 // One row of a batch: the next token of a sequence (its position is the sequence's length, which
 // the Model knows), with or without logits.
@@ -83,6 +94,8 @@ public:
     int n_batch() const { return n_batch_; }
     int n_seq_max() const { return n_seq_max_; }
     int n_embd() const;
+    // The buffer types llama.cpp placed the weights in, with their sizes in MiB (as it logs them).
+    const std::vector<std::pair<std::string, double>>& buffer_types() const { return buffer_types_; }
 
     // ---- the KV cache: the Model alone records what each sequence holds ----
     const std::vector<Token>& tokens(int seq) const;
@@ -148,6 +161,7 @@ private:
     int n_vocab_ = 0, n_ctx_ = 0, n_batch_ = 0, n_seq_max_ = 1;
     long long file_size_ = 0, decode_calls_ = 0, decoded_tokens_ = 0;
     std::vector<std::pair<int, double>> decode_seconds_;  // measured (k, seconds)
+    std::vector<std::pair<std::string, double>> buffer_types_;
     Lease lease_;
 };
 

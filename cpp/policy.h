@@ -1,4 +1,4 @@
-// One step's decision for each method (DESIGN.md section 3): the gate, then the combination of
+// One step's decision for each method (docs/design.md section 3): the gate, then the combination of
 // the base and guide distributions into the final one. Plain vectors only: no llama.cpp here.
 #pragma once
 

@@ -8,6 +8,7 @@ import pytest
 
 import blendin_cpp as bc
 from blendin_cpp import best_of_n as bon
+from blendin_cpp import llama_cpp_peer
 from blendin_cpp.testing import random_llama
 
 llama_cpp = pytest.importorskip("llama_cpp")
@@ -67,7 +68,7 @@ def test_batched_scoring_equals_llama_cpp(blender, paths):
     cands = bon.generate_candidates(blender, PROMPT, 4, seed=1, max_tokens=12, temperature=1.0, method="base")
     base_prompt, _ = blender.prompts(PROMPT)
     got = bc._core.score_continuations(blender.base._handle, base_prompt, [c.tokens for c in cands], False)
-    ll = llama_cpp.Llama(paths["base"], n_ctx=256, logits_all=True, verbose=False, type_k=0, type_v=0,
+    ll = llama_cpp_peer.load(paths["base"], n_ctx=256, logits_all=True, verbose=False, type_k=0, type_v=0,
                          flash_attn=True, n_threads=1)
     for c, g in zip(cands, got):
         ll.reset()
@@ -173,7 +174,7 @@ def test_reward_model_in_gguf_scores_through_batched_sequences(blender, paths):
     judge = bc.Model(paths["anti"], n_ctx=512, kv_type="f32", n_threads=1, n_seq_max=4)
     cands = bon.generate_candidates(blender, PROMPT, 3, seed=9, max_tokens=8, temperature=1.0, method="base")
     got = bon.model_reward(judge)(PROMPT, cands)
-    ll = llama_cpp.Llama(paths["anti"], n_ctx=256, logits_all=True, verbose=False, type_k=0, type_v=0,
+    ll = llama_cpp_peer.load(paths["anti"], n_ctx=256, logits_all=True, verbose=False, type_k=0, type_v=0,
                          flash_attn=True, n_threads=1)
     head = judge.tokenize(PROMPT + "\n", add_special=True)
     for c, g in zip(cands, got):

@@ -8,6 +8,8 @@ from pathlib import Path
 
 import pytest
 
+from blendin_cpp import llama_cpp_peer
+
 REPO = Path(__file__).resolve().parent.parent
 SCRIPT = REPO / "models" / "train_demo.py"
 SAME_VOCAB = ["base", "guide", "guide-unreliable", "anti"]
@@ -88,7 +90,7 @@ def test_heldout(demo_dir):
 def test_loads_in_llama_cpp(demo_dir):
     llama_cpp = pytest.importorskip("llama_cpp")
     for role in ROLES:
-        llm = llama_cpp.Llama(str(demo_dir / f"{role}.gguf"), n_ctx=128, verbose=False)
+        llm = llama_cpp_peer.load(str(demo_dir / f"{role}.gguf"), n_ctx=128, verbose=False)
         ids = llm.tokenize(b"<s><|user|>\nWhat is 12 + 34?<|end|>\n<|assistant|>\n", add_bos=False, special=True)
         assert ids[0] == llm.token_bos()
         llm.eval(ids)

@@ -1,4 +1,4 @@
-"""The blending engine against an independent path: a numpy implementation of DESIGN.md section 3,
+"""The blending engine against an independent path: a numpy implementation of docs/design.md section 3,
 written here from logits that llama-cpp-python computes for the same GGUF files."""
 import json
 import subprocess
@@ -9,6 +9,7 @@ import numpy as np
 import pytest
 
 import blendin_cpp as bc
+from blendin_cpp import llama_cpp_peer
 from blendin_cpp.testing import make_tokenizer, random_llama
 
 llama_cpp = pytest.importorskip("llama_cpp")
@@ -38,7 +39,7 @@ class RefModel:
     """One model evaluated token by token by llama-cpp-python."""
 
     def __init__(self, path, prompt):
-        self.ll = llama_cpp.Llama(path, n_ctx=N_CTX, logits_all=True, verbose=False, type_k=0, type_v=0, n_threads=1,
+        self.ll = llama_cpp_peer.load(path, n_ctx=N_CTX, logits_all=True, verbose=False, type_k=0, type_v=0, n_threads=1,
                                   flash_attn=True)
         self.ll.eval(prompt)
 
@@ -56,7 +57,7 @@ def softmax(x):
 
 def check_against_reference(paths, base_prompt, guide_prompt, method, steps, *, gamma=GAMMA, alpha="auto",
                             beta=1.0, lam=0.5):
-    """Replay our greedy run through the formulas of DESIGN.md section 3, step by step on our own
+    """Replay our greedy run through the formulas of docs/design.md section 3, step by step on our own
     prefix. Each token must be the reference's argmax, except where the reference's top two
     candidates are within 1e-4 (batched and one-at-a-time decodes differ in the last bits);
     each source must match, except where the base's top probability is within 1e-4 of gamma.
@@ -136,7 +137,7 @@ def test_greedy_equals_numpy_reference(method, mode, blender, paths):
 
 def test_prompts_are_tokenized_like_llama_cpp(blender, paths):
     base_prompt, guide_prompt = blender.prompts(PROMPT)
-    ll = llama_cpp.Llama(paths["guide"], n_ctx=64, verbose=False)
+    ll = llama_cpp_peer.load(paths["guide"], n_ctx=64, verbose=False)
     assert base_prompt == ll.tokenize(PROMPT.encode(), add_bos=True)
     rendered = "<s><|user|>\n" + PROMPT + "<|end|>\n<|assistant|>\n"
     assert guide_prompt == ll.tokenize(rendered.encode(), add_bos=False, special=True)

@@ -10,9 +10,10 @@ first, second = sys.argv[1], sys.argv[2]
 __import__(first)
 __import__(second)
 import blendin_cpp, llama_cpp
+from blendin_cpp import llama_cpp_peer
 # use both for real, so that lazily loaded pieces are in place
 m = blendin_cpp.Model(sys.argv[3], n_ctx=32)
-ll = llama_cpp.Llama(sys.argv[3], n_ctx=32, verbose=False)
+ll = llama_cpp_peer.load(sys.argv[3], n_ctx=32, verbose=False)
 ll.eval(ll.tokenize(b"hello"))
 m.logits(m.tokenize("hello"))
 maps = {}

@@ -3,6 +3,7 @@ import numpy as np
 import pytest
 
 import blendin_cpp as bc
+from blendin_cpp import llama_cpp_peer
 
 TEXTS = {
     "ascii": "Hello world! The quick brown fox, 12 + 30 = 42.",
@@ -20,7 +21,7 @@ def reference():
 
     def logits(path, tokens):
         # flash attention on, f32 KV cache: the same kernels as blendin_cpp's defaults on CPU
-        ll = llama_cpp.Llama(path, n_ctx=256, logits_all=True, verbose=False, type_k=0, type_v=0,
+        ll = llama_cpp_peer.load(path, n_ctx=256, logits_all=True, verbose=False, type_k=0, type_v=0,
                              flash_attn=True, seed=0)
         ll.eval(tokens)
         return np.array(ll.scores[: len(tokens)]), ll

@@ -15,7 +15,7 @@ import numpy as np
 import pytest
 
 import blendin_cpp as bc
-from blendin_cpp import real_models
+from blendin_cpp import llama_cpp_peer, real_models
 
 llama_cpp = pytest.importorskip("llama_cpp")
 from llama_cpp.llama_chat_format import Jinja2ChatFormatter  # noqa: E402
@@ -62,12 +62,12 @@ def cross(real):
     return bc.Blender(load(real[pair.base]), load(real[pair.guide]))
 
 
-# ---- the reference: llama-cpp-python's logits, DESIGN.md section 3 in numpy ----------------------
+# ---- the reference: llama-cpp-python's logits, docs/design.md section 3 in numpy ------------------
 class RefModel:
     """One model evaluated token by token by llama-cpp-python, same KV type (f32)."""
 
     def __init__(self, path, prompt):
-        self.ll = llama_cpp.Llama(path, n_ctx=N_CTX, logits_all=True, verbose=False, type_k=GGML_TYPE_F32,
+        self.ll = llama_cpp_peer.load(path, n_ctx=N_CTX, logits_all=True, verbose=False, type_k=GGML_TYPE_F32,
                                   type_v=GGML_TYPE_F32, n_threads=THREADS, flash_attn=True)
         self.ll.eval(prompt)
 
@@ -121,7 +121,7 @@ TEXTS = ["Hello, world!", "  The year 2024: 3.14159 < 22/7?", "naïve café — 
 @pytest.mark.parametrize("name", real_models.MODELS)
 def test_tokenizer_equals_llama_cpp_python(real, name):
     m = bc.Model(real[name], n_ctx=64, n_threads=THREADS)
-    ll = llama_cpp.Llama(real[name], vocab_only=True, verbose=False)
+    ll = llama_cpp_peer.load(real[name], vocab_only=True, verbose=False)
     assert m.n_vocab == ll.n_vocab()
     for text in TEXTS:
         for special in (False, True):
@@ -141,7 +141,7 @@ def test_base_alone_greedy_equals_llama_cpp_python(real, name):
     r = blender.complete(prompt, max_tokens=24)
     assert len(r.steps) >= 8
     base_prompt, _ = blender.prompts(prompt)
-    assert base_prompt == llama_cpp.Llama(real[name], vocab_only=True, verbose=False).tokenize(prompt.encode(),
+    assert base_prompt == llama_cpp_peer.load(real[name], vocab_only=True, verbose=False).tokenize(prompt.encode(),
                                                                                                add_bos=True)
     exact = check_against_reference(real[name], None, base_prompt, None, "base", r.steps)
     assert exact >= len(r.steps) - 1
@@ -229,7 +229,7 @@ def test_cross_vocabulary_pair_refuses_logit_arithmetic(cross):
 @pytest.mark.parametrize("name", [n for n in real_models.MODELS if not n.startswith("gemma")])
 def test_chat_template_renders_as_llama_cpp_python(real, name, conversation):
     model = bc.Model(real[name], n_ctx=64, n_threads=THREADS)
-    ll = llama_cpp.Llama(real[name], vocab_only=True, verbose=False)
+    ll = llama_cpp_peer.load(real[name], vocab_only=True, verbose=False)
     # what llama-cpp-python's Llama passes its formatter: the template and the tokens' texts
     formatter = Jinja2ChatFormatter(ll.metadata["tokenizer.chat_template"], ll._model.token_get_text(ll.token_eos()),
                                     ll._model.token_get_text(ll.token_bos()))

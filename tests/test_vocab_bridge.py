@@ -3,6 +3,7 @@ import numpy as np
 import pytest
 
 import blendin_cpp as bc
+from blendin_cpp import llama_cpp_peer
 from blendin_cpp.gguf_export import TOKEN_CONTROL
 from blendin_cpp.testing import bytes_to_unicode, make_tokenizer, random_llama
 
@@ -101,7 +102,7 @@ def test_blended_output_equals_numpy_reference(blender, paths, toks):
     mapping, exact = np.array(mapping), np.array(exact)
     base_prompt, guide_prompt = blender.prompts(PROMPT)
     kw = dict(n_ctx=256, logits_all=True, verbose=False, type_k=0, type_v=0, flash_attn=True, n_threads=1)
-    base, guide = llama_cpp.Llama(paths["base"], **kw), llama_cpp.Llama(paths["guide"], **kw)
+    base, guide = llama_cpp_peer.load(paths["base"], **kw), llama_cpp_peer.load(paths["guide"], **kw)
     base.eval(base_prompt)
     text = b""
     for i, step in enumerate(r.steps):

@@ -224,7 +224,7 @@ def extract(base_path: str | os.PathLike, aligned_path: str | os.PathLike, out_p
     w.add_string(ALIGNED_NAME_KEY, aligned.name)
     if rank is None:
         w.add_string("general.type", "alignment_vector")
-    else:  # llama.cpp's LoRA adapter keys (DESIGN 7)
+    else:  # llama.cpp's LoRA adapter keys (docs/design.md 7.1)
         w.add_string("general.type", "adapter")
         w.add_string("adapter.type", "lora")
         w.add_float32("adapter.lora.alpha", float(rank))
@@ -235,7 +235,7 @@ def extract(base_path: str | os.PathLike, aligned_path: str | os.PathLike, out_p
         delta = aligned.array(name) - b
         row = TensorReport(name, b.shape, _rel(delta, b))
         rows.append(row)
-        if rank is None:  # norms stay f32 (DESIGN 7)
+        if rank is None:  # norms stay f32 (docs/design.md 7.1)
             w.add_tensor(name, np.ascontiguousarray(delta.astype(np_type if delta.ndim == 2 else np.float32)))
             continue
         if not np.any(delta):
@@ -334,7 +334,7 @@ def apply(base_path: str | os.PathLike, avs: Sequence[tuple[str | os.PathLike, f
                 theta = theta + np.float32(lam) * deltas[name]
         theta = np.ascontiguousarray(theta, dtype=np.float32)
         if theta.ndim != 2:
-            w.add_tensor(name, theta)  # norms stay f32 (DESIGN 7)
+            w.add_tensor(name, theta)  # norms stay f32 (docs/design.md 7.1)
         elif qtype == gguf.GGMLQuantizationType.Q8_0 and theta.shape[-1] % 32 == 0:
             w.add_tensor(name, gguf.quants.quantize(theta, qtype), raw_dtype=qtype)
         else:  # q8_0 needs rows in blocks of 32; such matrices fall back to f16

@@ -1,4 +1,4 @@
-"""`Blender`: a base and a guide decoded together, one token per `next()` (DESIGN.md sections 3, 5)."""
+"""`Blender`: a base and a guide decoded together, one token per `next()` (docs/design.md sections 3, 5)."""
 from __future__ import annotations
 
 from dataclasses import dataclass, field

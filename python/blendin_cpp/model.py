@@ -12,6 +12,23 @@ import numpy as np
 from . import _core
 
 
+AMX_ENV = "BLENDIN_CPP_AMX"
+
+
+def amx_requested(amx: bool | None = None) -> bool:
+    """Whether llama.cpp may use its AMX weight buffers: `amx` if given, else BLENDIN_CPP_AMX=1."""
+    if amx is not None:
+        return bool(amx)
+    return os.environ.get(AMX_ENV, "").strip().lower() in ("1", "true", "yes", "on")
+
+
+def use_extra_buffer_types(amx: bool | None = None) -> bool:
+    """The `use_extra_bufts` a load gets: llama.cpp takes all extra weight buffer types (AMX,
+    CPU_REPACK, ...) or none, and its AMX matmul segfaults on quantized models on some Xeons, so a
+    CPU that offers AMX loads with none of them unless AMX is asked for."""
+    return _core.use_extra_buffer_types(amx_requested(amx))
+
+
 def _int_param(name: str, value, *, minimum: int, allow_none: bool = False) -> int | None:
     if value is None and allow_none:
         return None
@@ -36,12 +53,15 @@ class Model:
         adapters: LoRA adapters as (path, scale) pairs; scales can change later with
             `set_adapter_scales` without reloading.
         verbose: print llama.cpp's log (process-wide; off by default).
+        amx: let llama.cpp put weights in its AMX buffers where the CPU offers them (default: the
+            BLENDIN_CPP_AMX environment variable, else off; see "Known llama.cpp problems" in the
+            README). `buffer_types` says where the weights went.
     """
 
     def __init__(self, path: str | os.PathLike, *, n_ctx: int | None = None, n_gpu_layers: int = 0,
                  n_threads: int | None = None, n_batch: int = 512, n_seq_max: int = 1,
                  kv_type: str = "f16", adapters: Iterable[tuple[str | os.PathLike, float]] = (),
-                 verbose: bool = False):
+                 verbose: bool = False, amx: bool | None = None):
         if not isinstance(path, (str, os.PathLike)):
             raise TypeError(f"path must be a str or os.PathLike, got {type(path).__name__}")
         n_ctx = _int_param("n_ctx", n_ctx, minimum=1, allow_none=True)
@@ -64,7 +84,7 @@ class Model:
         self.path = str(Path(path))
         self.adapter_names = [Path(a).stem for a, _ in adapter_list]  # one knob per adapter, by file stem
         self._handle = _core.Model(self.path, n_ctx or 0, n_batch, n_seq_max, n_gpu_layers,
-                                   n_threads or 0, kv_type, adapter_list)
+                                   n_threads or 0, kv_type, adapter_list, amx_requested(amx))
 
     def __repr__(self) -> str:
         return f"Model({self.path!r}, n_vocab={self.n_vocab}, n_ctx={self.n_ctx})"
@@ -136,6 +156,15 @@ class Model:
     @property
     def file_size(self) -> int:
         return self._handle.file_size
+
+    @property
+    def buffer_types(self) -> dict[str, float]:
+        """The buffer types llama.cpp put the weights in -> MiB (e.g. {"CPU_Mapped": 380.0,
+        "CPU_REPACK": 215.0})."""
+        out: dict[str, float] = {}
+        for name, mib in self._handle.buffer_types:
+            out[name] = out.get(name, 0.0) + mib
+        return out
 
     @property
     def description(self) -> str:

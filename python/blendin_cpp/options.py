@@ -112,7 +112,10 @@ def load_models(args, need_anti: bool = False, log=None, n_seq_max: int = 1):
             t0 = time.perf_counter()
         models[role] = Model(p, **kw, **(av if role == "base" else {})) if p else None
         if log and p:
-            print(f"done ({time.perf_counter() - t0:.1f} s)", file=log, flush=True)
+            where = ""
+            if args.verbose:  # where llama.cpp put the weights (see "Known llama.cpp problems")
+                where = "; weights in " + ", ".join(f"{n} {mib:.0f} MiB" for n, mib in models[role].buffer_types.items())
+            print(f"done ({time.perf_counter() - t0:.1f} s{where})", file=log, flush=True)
     return models
 
 

@@ -336,6 +336,19 @@ def pair_paths(pair: str, *, log: TextIO | None = sys.stderr) -> tuple[str, str]
     return str(fetch(p.base, log=log)), str(fetch(p.guide, log=log))
 
 
+def weight_buffers_line() -> str:
+    """What this CPU's llama.cpp build offers for weights, and what a load uses by default."""
+    from . import _core
+    from .model import AMX_ENV, use_extra_buffer_types
+    offered = _core.cpu_extra_buffer_types()
+    if not offered:
+        return "weight buffers: the plain CPU buffers (this build offers no extra types)"
+    if use_extra_buffer_types():
+        return f"weight buffers: {', '.join(offered)} offered and used where they fit"
+    return (f"weight buffers: {', '.join(offered)} offered; none used, since llama.cpp's AMX kernels can crash "
+            f"(set {AMX_ENV}=1 to use them)")
+
+
 # ---- the command ----------------------------------------------------------------------------------------
 def cmd_models(args) -> int:
     if args.models_command == "list":
@@ -350,6 +363,7 @@ def cmd_models(args) -> int:
         for name, p in PAIRS.items():
             print(f"  {name:<6} {p.description}")
             print(f"         base {p.base}, guide {p.guide}")
+        print(weight_buffers_line())
         return 0
     wanted = [n for what in args.names for n in names(what)]
     try:

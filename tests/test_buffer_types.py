@@ -1,0 +1,88 @@
+"""Where llama.cpp puts the weights: never in its AMX buffers unless asked (they segfault on
+quantized models on some Xeons), the CPU repack buffers where no AMX is offered, and the same
+choice for blendin_cpp's Model and for the llama-cpp-python references it is compared against."""
+import os
+import subprocess
+import sys
+
+import pytest
+
+import blendin_cpp as bc
+from blendin_cpp import _core, real_models
+from blendin_cpp.model import AMX_ENV, amx_requested, use_extra_buffer_types
+
+pytest.importorskip("llama_cpp")
+
+Q4K = "qwen2.5-coder-0.5b-instruct-q4_k_m"  # Q4_K weights: what llama.cpp's AMX kernels crash on
+PLAIN = {"CPU", "CPU_Mapped"}  # llama.cpp's ordinary CPU buffers (allocated or memory-mapped)
+
+
+@pytest.fixture(scope="module")
+def q4k():
+    try:
+        return str(real_models.fetch(Q4K))
+    except real_models.FetchError as e:
+        pytest.fail(f"could not fetch {Q4K}: {e}", pytrace=False)
+
+
+def expected_extra(offered: list[str]) -> set[str]:
+    """The extra buffer types a default load of a Q4_K model may use on this CPU."""
+    if any("AMX" in name for name in offered):
+        return set()  # llama.cpp takes all extra types or none: none
+    return {name for name in offered if name == "CPU_REPACK"}
+
+
+def test_default_load_never_uses_amx_and_keeps_repacking(q4k):
+    offered = _core.cpu_extra_buffer_types()
+    used = set(bc.Model(q4k, n_ctx=64).buffer_types)
+    assert not any("AMX" in name for name in used), used
+    assert used - PLAIN == expected_extra(offered), (offered, used)
+    assert use_extra_buffer_types(False) == (not any("AMX" in name for name in offered))
+    assert use_extra_buffer_types(True) is True  # an explicit opt-in is honoured
+
+
+def test_amx_opt_in_reads_the_argument_then_the_environment(monkeypatch):
+    monkeypatch.delenv(AMX_ENV, raising=False)
+    assert amx_requested() is False
+    monkeypatch.setenv(AMX_ENV, "1")
+    assert amx_requested() is True
+    assert amx_requested(False) is False  # the argument wins
+    monkeypatch.setenv(AMX_ENV, "0")
+    assert amx_requested() is False and amx_requested(True) is True
+
+
+# Each child decodes the Q4_K model and prints its greedy next token and the buffer types it used.
+# A segfault in llama.cpp's AMX kernels kills the child (exit -11), not the test run.
+BLENDIN_CHILD = r'''
+import sys, numpy as np, blendin_cpp as bc
+m = bc.Model(sys.argv[1], n_ctx=128, n_threads=2)
+row = m.logits(m.tokenize("def fibonacci(n):"))[-1]
+print(int(np.argmax(row)), " ".join(sorted(m.buffer_types)))
+'''
+PEER_CHILD = r'''
+import sys, numpy as np, blendin_cpp as bc
+from blendin_cpp import llama_cpp_peer
+bc.set_verbose(True)  # our log callback (installed at load) passes llama.cpp's log to stderr
+ll = llama_cpp_peer.load(sys.argv[1], n_ctx=128, n_threads=2, logits_all=True, verbose=True)
+tokens = ll.tokenize(b"def fibonacci(n):", add_bos=True, special=False)
+ll.eval(tokens)
+print(int(np.argmax(ll.scores[len(tokens) - 1])))
+'''
+
+
+def run_child(code: str, path: str) -> subprocess.CompletedProcess:
+    env = {k: v for k, v in os.environ.items() if k != AMX_ENV}
+    return subprocess.run([sys.executable, "-c", code, path], capture_output=True, text=True, timeout=300, env=env)
+
+
+def test_real_q4k_decodes_in_model_and_reference_alike(q4k):
+    ours = run_child(BLENDIN_CHILD, q4k)
+    assert ours.returncode == 0, f"bc.Model exited {ours.returncode}: {ours.stderr[-2000:]}"
+    ref = run_child(PEER_CHILD, q4k)
+    assert ref.returncode == 0, f"llama_cpp_peer.load exited {ref.returncode}: {ref.stderr[-2000:]}"
+    token, *ours_types = ours.stdout.split()
+    assert int(token) == int(ref.stdout.split()[0])  # the same greedy token from both loads
+    # the reference logs its buffers (llama.cpp's "<name> model buffer size = <MiB> MiB" lines)
+    ref_types = sorted({line.split(":", 1)[1].split()[0] for line in ref.stderr.splitlines()
+                        if "model buffer size" in line})
+    assert ref_types == sorted(ours_types)
