@@ -27,7 +27,7 @@ import sys
 import time
 from pathlib import Path
 
-os.environ.setdefault("OMP_WAIT_POLICY", "PASSIVE")  # 4.4x faster training on 2 threads (DESIGN 7)
+os.environ.setdefault("OMP_WAIT_POLICY", "PASSIVE")  # 4.4x faster training on 2 threads (docs/design.md 7.2)
 os.environ.setdefault("OPENBLAS_NUM_THREADS", "1")  # numpy's SVDs: 100x slower with 2 threads on a busy machine
 
 import numpy as np  # noqa: E402

@@ -50,7 +50,7 @@ import types
 from dataclasses import dataclass, field
 from pathlib import Path
 
-os.environ.setdefault("OMP_WAIT_POLICY", "PASSIVE")  # 4.4x faster on 2 threads (DESIGN 7)
+os.environ.setdefault("OMP_WAIT_POLICY", "PASSIVE")  # 4.4x faster on 2 threads (docs/design.md 7.2)
 
 import numpy as np  # noqa: E402
 import torch  # noqa: E402
