@@ -17,6 +17,7 @@
 #include "error.h"
 #include "gguf_check.h"
 #include "model.h"
+#include "rpc.h"
 #include "retokenizer.h"
 
 namespace nb = nanobind;
@@ -156,6 +157,10 @@ NB_MODULE(_core, m) {
           "The CPU backend's extra weight buffer types in this build on this CPU (e.g. AMX, CPU_REPACK).");
     m.def("use_extra_buffer_types", &blendin::use_extra_buffer_types, "amx"_a,
           "Whether a load uses the extra buffer types: not where AMX is offered, unless amx is true.");
+    m.def("rpc_available", &blendin::rpc::available, "Whether this llama.cpp build has the RPC backend.");
+    m.def("rpc_failure", &blendin::rpc::failure, "The first RPC failure of this process ('' if none).");
+    m.def("rpc_serve", &blendin::rpc::serve, "endpoint"_a, "cache_dir"_a, "n_threads"_a,
+          nb::call_guard<nb::gil_scoped_release>(), "Run ggml's RPC server on this CPU (returns only on failure).");
     m.def("methods", &blendin::method_names, "The method names, in the core's order.");
     m.def("param_ranges", [] {
         nb::dict d;
@@ -167,13 +172,14 @@ NB_MODULE(_core, m) {
     nb::class_<Model>(m, "Model")
         .def("__init__", [](Model* self, const std::string& path, int n_ctx, int n_batch, int n_seq_max,
                             int n_gpu_layers, int n_threads, const std::string& kv_type,
-                            const std::vector<std::pair<std::string, float>>& adapters, bool amx) {
-                 blendin::ModelParams p{n_ctx, n_batch, n_seq_max, n_gpu_layers, n_threads, kv_type, amx};
+                            const std::vector<std::pair<std::string, float>>& adapters, bool amx,
+                            const std::vector<std::string>& rpc) {
+                 blendin::ModelParams p{n_ctx, n_batch, n_seq_max, n_gpu_layers, n_threads, kv_type, amx, rpc};
                  nb::gil_scoped_release release;
                  new (self) Model(path, p, adapters);
              },
              "path"_a, "n_ctx"_a, "n_batch"_a, "n_seq_max"_a, "n_gpu_layers"_a, "n_threads"_a, "kv_type"_a,
-             "adapters"_a, "amx"_a)
+             "adapters"_a, "amx"_a, "rpc"_a)
         .def_prop_ro("n_vocab", &Model::n_vocab)
         .def_prop_ro("n_ctx", &Model::n_ctx)
         .def_prop_ro("n_ctx_train", &Model::n_ctx_train)
@@ -194,6 +200,7 @@ NB_MODULE(_core, m) {
         .def_prop_ro("n_adapters", &Model::n_adapters)
         .def_prop_ro("decode_calls", &Model::decode_calls)
         .def_prop_ro("decoded_tokens", &Model::decoded_tokens)
+        .def_prop_ro("rpc", &Model::rpc)
         .def_prop_ro("buffer_types", &Model::buffer_types, "(name, MiB) of each buffer llama.cpp put weights in.")
         .def("is_eog", &Model::is_eog, "token"_a)
         .def("is_control", &Model::is_control, "token"_a)

@@ -124,9 +124,18 @@ Model::Model(const std::string& path, const ModelParams& p,
     llama_model_params mp = llama_model_default_params();
     mp.n_gpu_layers = p.n_gpu_layers;
     mp.use_extra_bufts = use_extra_buffer_types(p.amx);
-    t_buffer_types = &buffer_types_;
-    model_ = llama_model_load_from_file(path.c_str(), mp);
-    t_buffer_types = nullptr;
+    std::vector<ggml_backend_dev_t> devices;
+    if (!p.rpc.empty()) {
+        devices = rpc::devices(p.rpc);  // checked: reachable, same protocol
+        devices.push_back(nullptr);
+        mp.devices = devices.data();
+        rpc_.take(p.rpc);
+    }
+    remote("loading '" + path + "'", [&] {
+        t_buffer_types = &buffer_types_;
+        model_ = llama_model_load_from_file(path.c_str(), mp);
+        t_buffer_types = nullptr;
+    });
     if (!model_) {
         std::string why = take_errors();
         throw ValueError("llama.cpp could not load '" + path + "'" + (why.empty() ? "" : ": " + why));
@@ -150,7 +159,7 @@ Model::Model(const std::string& path, const ModelParams& p,
     cp.kv_unified = true;  // sequences share the cells, so a shared prompt is stored once
     cp.no_perf = true;
     if (kv == GGML_TYPE_Q8_0) cp.flash_attn_type = LLAMA_FLASH_ATTN_TYPE_ENABLED;  // quantized V needs it
-    ctx_ = llama_init_from_model(model_, cp);
+    remote("creating the context of '" + path + "'", [&] { ctx_ = llama_init_from_model(model_, cp); });
     if (!ctx_) {
         std::string why = take_errors();
         llama_model_free(model_);
@@ -186,11 +195,28 @@ Model::Model(const std::string& path, const ModelParams& p,
     }
 }
 
+void Model::remote(const std::string& what, const std::function<void()>& fn) {
+    if (rpc_.empty()) return fn();
+    rpc::guarded(what, fn);
+}
+
 Model::~Model() {
-    for (auto* a : adapters_) llama_adapter_lora_free(a);
-    if (batch_) llama_batch_free(*batch_);
-    if (ctx_) llama_free(ctx_);
-    if (model_) llama_model_free(model_);
+    auto release = [this] {
+        for (auto* a : adapters_) llama_adapter_lora_free(a);
+        if (batch_) llama_batch_free(*batch_);
+        if (ctx_) llama_free(ctx_);
+        if (model_) llama_model_free(model_);
+    };
+    if (rpc_.empty()) {
+        release();
+        return;
+    }
+    // Freeing talks to the servers. After an RPC failure (earlier, or during this) it would wait
+    // on ggml's parked connection thread: the model is left allocated instead.
+    try {
+        rpc::guarded("freeing '" + path_ + "'", release);
+    } catch (const std::exception&) {
+    }
 }
 
 // ---- vocabulary ----
@@ -337,7 +363,12 @@ void Model::decode(const std::vector<BatchItem>& items) {
     }
     b.n_tokens = n;
     rows_.clear();
-    int rc = llama_decode(ctx_, b);
+    int rc = 0;
+    // with RPC servers, wait for the results inside the guard: afterwards nothing is in flight
+    remote("decoding with '" + path_ + "'", [&] {
+        rc = llama_decode(ctx_, b);
+        if (!rpc_.empty()) llama_synchronize(ctx_);
+    });
     ++decode_calls_;
     decoded_tokens_ += n;
     if (rc != 0) {

@@ -15,6 +15,7 @@
 #include <vector>
 
 #include "lease.h"
+#include "rpc.h"
 
 struct llama_model;
 struct llama_context;
@@ -37,6 +38,9 @@ struct ModelParams {
     // default: llama.cpp's AMX matmul segfaults on quantized models on some Xeons (llama.cpp issue
     // 20824), so where AMX is offered the default load uses no extra buffer type at all.
     bool amx = false;
+    // "host:port" of ggml RPC servers: the layers go to them (in proportion to their free memory)
+    // instead of this process's CPU; n_gpu_layers then counts the layers sent to them (-1: all).
+    std::vector<std::string> rpc;
 };
 
 // The CPU backend's extra weight buffer types in this build on this CPU, in llama.cpp's order of
@@ -142,9 +146,12 @@ public:
     // Held by whoever runs a sequence of calls that must not interleave with another thread's.
     Lease& lease() { return lease_; }
     std::string name() const { return "the model '" + path_ + "'"; }
+    const std::vector<std::string>& rpc() const { return rpc_.endpoints(); }
 
 private:
     void check_seq(int seq) const;
+    // A llama.cpp call that may reach an RPC server: guarded against the server failing (rpc.h).
+    void remote(const std::string& what, const std::function<void()>& fn);
 
     std::string path_;
     llama_model* model_ = nullptr;
@@ -162,6 +169,7 @@ private:
     long long file_size_ = 0, decode_calls_ = 0, decoded_tokens_ = 0;
     std::vector<std::pair<int, double>> decode_seconds_;  // measured (k, seconds)
     std::vector<std::pair<std::string, double>> buffer_types_;
+    rpc::Hold rpc_;  // the RPC servers this model's layers live on (none: all local)
     Lease lease_;
 };
 

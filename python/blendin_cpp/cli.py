@@ -1,4 +1,4 @@
-"""The command line: `python -m blendin_cpp {generate,chat,serve,eval,bon,winrate,overlap,av,models} ...`.
+"""The command line: `python -m blendin_cpp {generate,chat,serve,eval,bon,winrate,overlap,av,models,rpc-server} ...`.
 The flags and the model loading the subcommands share live in options.py."""
 from __future__ import annotations
 
@@ -7,7 +7,7 @@ import json
 import os
 import sys
 
-from . import alignment_vectors, best_of_n, chat, evaluate, overlap, real_models, server
+from . import alignment_vectors, best_of_n, chat, evaluate, overlap, real_models, rpc_server, server
 from .options import add_blend_args, add_model_args, blender_from_args, json_safe, sampling_kwargs
 
 
@@ -56,7 +56,7 @@ def build_parser() -> argparse.ArgumentParser:
                         "overlap, guide_rank, mass_above)")
     g.set_defaults(func=cmd_generate)
 
-    for module in (chat, evaluate, server, best_of_n, overlap, alignment_vectors, real_models):
+    for module in (chat, evaluate, server, best_of_n, overlap, alignment_vectors, real_models, rpc_server):
         module.add_parser(sub)
     return p
 

@@ -176,10 +176,11 @@ def evaluate_pair(blender: Blender, methods: list[str], questions: list[dict], *
 
 
 def evaluate(pairs: list[str], methods: list[str], questions: list[dict], *, gamma: float = 0.4,
-             max_tokens: int = 48, n_threads: int | None = None, n_gpu_layers: int = 0, progress=None) -> dict:
+             max_tokens: int = 48, n_threads: int | None = None, n_gpu_layers: int | None = None,
+             rpc: str | None = None, progress=None) -> dict:
     """The demo pairs: {"pairs": {pair: {method: row}}, "skipped": {...}, "models": {...}}."""
     kw = dict(n_ctx=512, n_threads=n_threads, n_gpu_layers=n_gpu_layers)
-    base = Model(demo.demo_path("base"), **kw)
+    base = Model(demo.demo_path("base"), rpc=rpc, **kw)
     anti = Model(demo.demo_path("anti"), **kw)
     results: dict = {"pairs": {}, "skipped": {}, "models": {}}
     base_cell = None
@@ -236,7 +237,7 @@ def cmd_eval(args) -> int:
             if p not in DEMO_PAIRS:
                 raise ValueError(f"unknown demo pair {p!r}; choose from {', '.join(DEMO_PAIRS)}")
         results = evaluate(pairs, methods, questions, gamma=args.gamma, max_tokens=args.max_tokens,
-                           n_threads=args.threads, n_gpu_layers=args.n_gpu_layers, progress=progress)
+                           n_threads=args.threads, n_gpu_layers=args.n_gpu_layers, rpc=args.rpc, progress=progress)
     else:
         models = load_models(args, log=sys.stderr)
         if models["guide"] is None:

@@ -29,6 +29,20 @@ def use_extra_buffer_types(amx: bool | None = None) -> bool:
     return _core.use_extra_buffer_types(amx_requested(amx))
 
 
+def parse_rpc(rpc: str | Iterable[str] | None) -> list[str]:
+    """RPC servers as a list of "host:port": a list, or one string with commas ("a:1,b:2")."""
+    if rpc is None:
+        return []
+    items = rpc.split(",") if isinstance(rpc, str) else list(rpc)
+    out = []
+    for item in items:
+        if not isinstance(item, str):
+            raise TypeError(f"rpc servers must be 'host:port' strings, got {type(item).__name__} {item!r}")
+        if item.strip():
+            out.append(item.strip())
+    return out
+
+
 def _int_param(name: str, value, *, minimum: int, allow_none: bool = False) -> int | None:
     if value is None and allow_none:
         return None
@@ -45,7 +59,8 @@ class Model:
     Args:
         path: the .gguf file.
         n_ctx: context length in tokens (default: the model's training context).
-        n_gpu_layers: layers to offload to the GPU (-1: all; needs a GPU build of llama-cpp-python).
+        n_gpu_layers: layers to offload to the GPU or the RPC servers (-1: all; default: none, or all
+            with `rpc`; a GPU needs a GPU build of llama-cpp-python).
         n_threads: CPU threads (default: all cores).
         n_batch: most tokens one decode call takes (prompts are split into such chunks).
         n_seq_max: parallel sequences in the KV cache (for best-of-N).
@@ -56,16 +71,22 @@ class Model:
         amx: let llama.cpp put weights in its AMX buffers where the CPU offers them (default: the
             BLENDIN_CPP_AMX environment variable, else off; see "Known llama.cpp problems" in the
             README). `buffer_types` says where the weights went.
+        rpc: "host:port" of llama.cpp RPC servers (`python -m blendin_cpp rpc-server` on each
+            machine) that hold the model's layers, split in proportion to their free memory; needs
+            llama-cpp-python built with -DGGML_RPC=on (see "Several machines" in the README).
     """
 
-    def __init__(self, path: str | os.PathLike, *, n_ctx: int | None = None, n_gpu_layers: int = 0,
+    def __init__(self, path: str | os.PathLike, *, n_ctx: int | None = None, n_gpu_layers: int | None = None,
                  n_threads: int | None = None, n_batch: int = 512, n_seq_max: int = 1,
                  kv_type: str = "f16", adapters: Iterable[tuple[str | os.PathLike, float]] = (),
-                 verbose: bool = False, amx: bool | None = None):
+                 verbose: bool = False, amx: bool | None = None, rpc: str | Iterable[str] | None = None):
         if not isinstance(path, (str, os.PathLike)):
             raise TypeError(f"path must be a str or os.PathLike, got {type(path).__name__}")
         n_ctx = _int_param("n_ctx", n_ctx, minimum=1, allow_none=True)
         n_threads = _int_param("n_threads", n_threads, minimum=1, allow_none=True)
+        rpc_servers = parse_rpc(rpc)
+        if n_gpu_layers is None:
+            n_gpu_layers = -1 if rpc_servers else 0
         n_gpu_layers = _int_param("n_gpu_layers", n_gpu_layers, minimum=-1)
         n_batch = _int_param("n_batch", n_batch, minimum=1)
         n_seq_max = _int_param("n_seq_max", n_seq_max, minimum=1)
@@ -84,7 +105,7 @@ class Model:
         self.path = str(Path(path))
         self.adapter_names = [Path(a).stem for a, _ in adapter_list]  # one knob per adapter, by file stem
         self._handle = _core.Model(self.path, n_ctx or 0, n_batch, n_seq_max, n_gpu_layers,
-                                   n_threads or 0, kv_type, adapter_list, amx_requested(amx))
+                                   n_threads or 0, kv_type, adapter_list, amx_requested(amx), rpc_servers)
 
     def __repr__(self) -> str:
         return f"Model({self.path!r}, n_vocab={self.n_vocab}, n_ctx={self.n_ctx})"
@@ -156,6 +177,11 @@ class Model:
     @property
     def file_size(self) -> int:
         return self._handle.file_size
+
+    @property
+    def rpc(self) -> list[str]:
+        """The RPC servers this model's layers live on (empty: all local)."""
+        return list(self._handle.rpc)
 
     @property
     def buffer_types(self) -> dict[str, float]:

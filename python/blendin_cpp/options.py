@@ -24,7 +24,13 @@ def add_model_args(p: argparse.ArgumentParser) -> None:
                                    "vocabulary bridge)")
     g.add_argument("--anti", help="the guide's untuned sibling (needed by --method proxy)")
     g.add_argument("--ctx", type=int, default=2048, help="context length per model (default 2048)")
-    g.add_argument("--n-gpu-layers", type=int, default=0, help="layers to offload to the GPU (-1 = all)")
+    g.add_argument("--n-gpu-layers", type=int, default=None,
+                   help="layers to offload to the GPU or the RPC servers (-1 = all; default: none, all with --rpc)")
+    g.add_argument("--rpc", metavar="HOST:PORT[,HOST:PORT...]",
+                   help="put the base's layers on llama.cpp RPC servers (`rpc-server` on each machine), split in "
+                        "proportion to their free memory; needs llama-cpp-python built with -DGGML_RPC=on")
+    g.add_argument("--guide-rpc", metavar="HOST:PORT[,HOST:PORT...]",
+                   help="the same for the guide (default: the guide runs here)")
     g.add_argument("--threads", type=int, default=None, help="CPU threads (default: all cores)")
     g.add_argument("--verbose", action="store_true", help="show llama.cpp's log")
     g.add_argument("--av", action="append", default=[], metavar="PATH:LAMBDA",
@@ -110,7 +116,8 @@ def load_models(args, need_anti: bool = False, log=None, n_seq_max: int = 1):
         if log and p:
             print(f"loading {role} model {p} ... ", end="", file=log, flush=True)
             t0 = time.perf_counter()
-        models[role] = Model(p, **kw, **(av if role == "base" else {})) if p else None
+        rpc = args.rpc if role == "base" else args.guide_rpc if role == "guide" else None
+        models[role] = Model(p, **kw, rpc=rpc, **(av if role == "base" else {})) if p else None
         if log and p:
             where = ""
             if args.verbose:  # where llama.cpp put the weights (see "Known llama.cpp problems")
