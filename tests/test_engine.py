@@ -3,6 +3,7 @@ written here from logits that llama-cpp-python computes for the same GGUF files.
 import json
 import subprocess
 import sys
+import textwrap
 import threading
 
 import numpy as np
@@ -541,3 +542,27 @@ def test_cli_bad_input_is_one_clear_line(paths):
                         paths["guide"], "--prompt", "x"], capture_output=True, text=True, timeout=60)
     assert r.returncode == 2
     assert "model file not found: 'missing.gguf'" in r.stderr and "Traceback" not in r.stderr
+
+
+def test_cli_core_errors_are_one_clear_line(paths):
+    """A BlendError from the core (a full KV cache, a model busy in another thread, ...) is a
+    clear line and exit status 2 on the command line, as every other error, not a traceback. The
+    error is raised where the core would raise it: from the generation the command pulls."""
+    child = textwrap.dedent(r'''
+        import sys
+        import blendin_cpp as bc
+        from blendin_cpp.cli import main
+
+        def failing(self, *args, **kwargs):
+            raise bc.BlendError("the KV cache of 'x.gguf' is full: its 256 cells are shared by all sequences")
+            yield
+        bc.Blender._steps = failing
+        sys.exit(main(sys.argv[1:]))
+    ''')
+    r = subprocess.run([sys.executable, "-c", child, "generate", "--base", paths["base"], "--guide", paths["guide"],
+                        "--prompt", PROMPT, "--max-tokens", "4", "--ctx", "256", "--threads", "1"],
+                       capture_output=True, text=True, timeout=120)
+    assert r.returncode == 2, r.stderr
+    assert r.stderr.strip().splitlines()[-1] == ("error: the KV cache of 'x.gguf' is full: its 256 cells are "
+                                                 "shared by all sequences")
+    assert "Traceback" not in r.stderr
