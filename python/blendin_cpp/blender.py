@@ -1,10 +1,13 @@
 """`Blender`: a base and a guide decoded together, one token per `next()` (docs/design.md sections 3, 5)."""
 from __future__ import annotations
 
+import threading
+from contextlib import contextmanager
 from dataclasses import dataclass, field
 from typing import Iterator, NamedTuple, Sequence
 
 from . import _core
+from ._core import BlendError
 from .chat_template import base_transcript
 from .model import Model
 
@@ -90,7 +93,22 @@ class Blender:
                        max_intervention_rate=max_intervention_rate, lazy=lazy, speculative=speculative,
                        drafter=drafter, draft_max=draft_max, warn_intervention_rate=warn_intervention_rate)
         self.last_stats: dict = {}
+        # `_current` names the one generation whose generator may step the engine; the lock makes
+        # "check it, then step" and "replace it, then start" one move each, across threads
         self._current = None
+        self._lock = threading.Lock()
+
+    @contextmanager
+    def _turn(self):
+        """Hold the Blender for one engine call; another thread meanwhile gets a BlendError at
+        once, as the core's own leases do."""
+        if not self._lock.acquire(blocking=False):
+            raise BlendError("this Blender is in use by another thread: it serves one call at a time "
+                             "(serialize the calls, or give each thread its own)")
+        try:
+            yield
+        finally:
+            self._lock.release()
 
     def configure(self, **settings) -> None:
         """Change the default blending settings (see SETTINGS) for later generations."""
@@ -142,9 +160,12 @@ class Blender:
                                  min_p=min_p, seed=seed, stop=stop, top_logprobs=top_logprobs, ignore_eos=ignore_eos,
                                  diagnostics=diagnostics, settings={**self.defaults, **settings})
         base_tokens, guide_tokens = self.prompts(prompt, guide_prompt)
-        self._engine.start(base_tokens, guide_tokens, params)
         run = object()
-        self._current = run
+        with self._turn():
+            # before the start: an older generator must not step the new state, nor go on if the
+            # start fails halfway (the engine may have replaced its state already)
+            self._current = run
+            self._engine.start(base_tokens, guide_tokens, params)
         return self._steps(run)
 
     def complete(self, prompt: str | Sequence[dict] | PromptTokens, guide_prompt: str | None = None,
@@ -156,8 +177,9 @@ class Blender:
 
     def reset(self) -> None:
         """Empty the models' KV caches (the next prompt is read in full)."""
-        self._current = None
-        self._engine.reset()
+        with self._turn():
+            self._current = None
+            self._engine.reset()
 
     def gen_params(self, *, max_tokens=256, temperature=0.0, top_k=0, top_p=1.0, min_p=0.0, seed=0, stop=(),
                    top_logprobs=0, ignore_eos=False, diagnostics=False, settings=None) -> "_core.GenParams":
@@ -210,14 +232,15 @@ class Blender:
     def _steps(self, run) -> Iterator[Step]:
         engine = self._engine
         while True:
-            if self._current is not run:
-                raise RuntimeError("this generation was superseded by a newer one on the same Blender")
-            step = engine.step()
-            if step is None:
-                return
-            if step.finish_reason:
-                self.last_stats = engine.stats().as_dict()
-                self._current = None
-            yield step
+            with self._turn():
+                if self._current is not run:
+                    raise RuntimeError("this generation was superseded by a newer one on the same Blender")
+                step = engine.step()
+                if step is None:
+                    return
+                if step.finish_reason:
+                    self.last_stats = engine.stats().as_dict()
+                    self._current = None
+            yield step  # not holding the lock: a paused generator blocks no one
             if step.finish_reason:
                 return
