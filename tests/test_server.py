@@ -336,3 +336,40 @@ def test_requests_run_in_arrival_order(model_dir):
 
     asyncio.run(main())
     assert finished == list(range(6))
+
+
+# ---- logprobs of multi-byte text ---------------------------------------------------------------------
+def test_text_offsets_count_characters_of_the_text(tiny_model):
+    """Completions' text_offset: where each token starts in the answer, in characters, for text
+    whose characters are split over several tokens (byte tokens of 'ï', CJK and an emoji). The
+    expected offsets are computed independently: the characters that the bytes before the token
+    complete. Whole answers and streamed chunks give the same offsets."""
+    from types import SimpleNamespace
+
+    import blendin_cpp as bc
+    from blendin_cpp.server.openai_format import CompletionFormat
+
+    model = bc.Model(tiny_model, n_ctx=128, n_threads=1)
+    text = "naïve 日本語 🎉 ok"
+    tokens = model.tokenize(text, add_special=False)
+    pieces = [model.piece(t) for t in tokens]
+    assert b"".join(pieces) == text.encode() and any(len(p) == 1 and p[0] >= 0x80 for p in pieces)
+    # the steps as the engine releases them: whole characters only
+    steps, held = [], b""
+    for t, piece in zip(tokens, pieces):
+        held += piece
+        try:
+            released, held = held.decode(), b""
+        except UnicodeDecodeError:
+            released = ""
+        steps.append(SimpleNamespace(token=t, text=released, logprob=-1.0, top_logprobs=[], finish_reason=None))
+    expected = [len(b"".join(pieces[:i]).decode("utf-8", errors="ignore")) for i in range(len(tokens))]
+    assert expected[:9] == [0, 1, 2, 2, 3, 4, 5, 6, 6]  # 'ï' is two tokens at offset 2, '日' three at 6
+
+    server = SimpleNamespace(blender=SimpleNamespace(base=model), model_id="m")
+    whole = CompletionFormat(server, 0).whole(steps, {"finish_reason": "length"}, {})
+    assert whole["choices"][0]["text"] == text
+    assert whole["choices"][0]["logprobs"]["text_offset"] == expected
+    streamed = CompletionFormat(server, 0)
+    offsets = [o for s in steps for o in streamed.chunk(s)["choices"][0]["logprobs"]["text_offset"]]
+    assert offsets == expected

@@ -10,6 +10,18 @@ from ..options import json_safe
 FINISH = {"stop": "stop", "length": "length", "context": "length"}
 
 
+def utf8_boundary(data: bytes) -> int:
+    """The length of `data` without a UTF-8 character cut off at its end (as the engine releases
+    text: cpp/text.cpp)."""
+    for back in range(1, min(4, len(data)) + 1):
+        c = data[-back]
+        if c & 0xC0 == 0x80:
+            continue  # a continuation byte: look further back for the lead
+        need = 1 if c < 0x80 else 2 if c >> 5 == 0x6 else 3 if c >> 4 == 0xE else 4 if c >> 3 == 0x1E else 1
+        return len(data) - back if back < need else len(data)
+    return len(data)
+
+
 def usage(prompt: int, completion: int) -> dict:
     """OpenAI's usage object. `completion` counts the tokens of the text (the end token is not
     one of them), on every path: plain, streamed, and n / best_of candidates."""
@@ -90,19 +102,25 @@ class CompletionFormat(_Format):
 
     def __init__(self, server, logprobs: int | None):
         super().__init__(server, logprobs)
-        self.offset = 0  # text_offset of the next token
+        # text_offset counts characters of the answer: the characters the tokens' bytes so far
+        # complete (a token may hold part of a character; its offset is that character's)
+        self.chars = 0
+        self.pending = b""  # the bytes of a character not complete yet
 
     def _logprobs(self, steps: list[Step]) -> dict | None:
         if self.logprobs is None:
             return None
         out = {"tokens": [], "token_logprobs": [], "top_logprobs": [], "text_offset": []}
         for s in self._counted(steps):
-            text, _ = self._token(s.token)
+            text, raw = self._token(s.token)
             out["tokens"].append(text)
             out["token_logprobs"].append(s.logprob)
             out["top_logprobs"].append({self._token(t)[0]: lp for t, lp in s.top_logprobs})
-            out["text_offset"].append(self.offset)
-            self.offset += len(text)
+            out["text_offset"].append(self.chars)
+            data = self.pending + bytes(raw)
+            cut = utf8_boundary(data)
+            self.chars += len(data[:cut].decode("utf-8", errors="replace"))
+            self.pending = data[cut:]
         return out
 
     def whole(self, steps: list[Step], stats: dict, used: dict) -> dict:
