@@ -296,3 +296,37 @@ def test_incremental_retokenization_equals_the_full_one(real, name):
         assert tail == 0
     else:
         assert tail > 10 * full
+
+
+def test_best_of_on_the_cross_vocabulary_pair(real):
+    """The issue's probe, over the server (in process): best_of with base candidates of the real
+    pair, whose Gemma tokens are mostly outside SmolLM2's 49k vocabulary. The guide reads each
+    candidate's text through its own tokenizer, so every reward is its log-likelihood of that."""
+    import asyncio
+
+    import httpx
+
+    from blendin_cpp import best_of_n as bon
+    from blendin_cpp import server as srv
+    pair = real_models.PAIRS["real"]
+    kw = dict(n_ctx=N_CTX, n_threads=THREADS, n_seq_max=2)
+    blender = bc.Blender(bc.Model(real[pair.base], **kw), bc.Model(real[pair.guide], **kw), method="base")
+    defaults = dict(max_tokens=24, temperature=1.0, top_k=0, top_p=1.0, min_p=0.0, seed=0, stop=[])
+    server = srv.Server(blender, model_id="m", defaults=defaults)
+    body = {"prompt": "What is the capital of Peru?", "max_tokens": 24, "n": 1, "best_of": 2, "seed": 1}
+
+    async def main():
+        transport = httpx.ASGITransport(app=srv.create_app(server))
+        async with httpx.AsyncClient(transport=transport, base_url="http://test") as c:
+            return await c.post("/v1/completions", json=body, timeout=300)
+
+    r = asyncio.run(main())
+    assert r.status_code == 200, r.text
+    cands = bon.generate_candidates(blender, body["prompt"], 2, seed=1, max_tokens=24, temperature=1.0)
+    assert any(t >= blender.guide.n_vocab for c in cands for t in c.tokens)
+    guide_reads = [blender.guide.tokenize(c.text, add_special=False) for c in cands]
+    base_prompt, guide_prompt = blender.prompts(body["prompt"])
+    g = bc._core.score_continuations(blender.guide._handle, guide_prompt, guide_reads, False)
+    b = bc._core.score_continuations(blender.base._handle, base_prompt, [c.tokens for c in cands], False)
+    rewards = [c["reward"] for c in r.json()["blend"]["candidates"]]
+    assert rewards == pytest.approx([x - y for x, y in zip(g, b)], abs=1e-2)

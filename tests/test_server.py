@@ -373,3 +373,4 @@ def test_text_offsets_count_characters_of_the_text(tiny_model):
     streamed = CompletionFormat(server, 0)
     offsets = [o for s in steps for o in streamed.chunk(s)["choices"][0]["logprobs"]["text_offset"]]
     assert offsets == expected
+
