@@ -181,7 +181,8 @@ class Model:
         if self.chat_template is None:
             raise ValueError(f"{self.path} has no chat template (tokenizer.chat_template)")
         return render(self.chat_template, messages, add_generation_prompt=add_generation_prompt,
-                      bos_token=self._token_text(self._handle.bos), eos_token=self._token_text(self._handle.eos))
+                      bos_token=self._token_text(self._handle.bos), eos_token=self._token_text(self._handle.eos),
+                      name=f"the chat template of {self.path}")
 
     def _token_text(self, token: int) -> str:
         return self.piece(token, special=True).decode("utf-8", errors="replace") if token >= 0 else ""
