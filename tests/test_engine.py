@@ -523,6 +523,42 @@ def test_empty_and_oversize_prompts(blender):
     assert blender.complete(PROMPT, max_tokens=3).stats["tokens"] == 3
 
 
+def test_prompts_that_cannot_fit_are_refused_before_tokenizing(blender, monkeypatch):
+    """A prompt with more bytes than the context's tokens could hold (n_ctx times the longest
+    piece of the vocabulary) is refused before it is tokenized or rendered: tokenizing a long
+    text costs time (quadratic in the markers it holds), and it could never fit."""
+    longest = max(len(blender.base.piece(t, special=True)) for t in range(blender.base.n_vocab))
+    calls = []
+    for name in ("tokenize", "render_chat"):
+        real = getattr(bc.Model, name)
+        monkeypatch.setattr(bc.Model, name, lambda self, *a, _real=real, _name=name, **k: (
+            calls.append(_name), _real(self, *a, **k))[1])
+    text = "<|end|>" * (256 * longest // 7 + 1)
+    with pytest.raises(bc.ContextLengthError, match=rf"the base's prompt has {len(text)} bytes, so at least "
+                                                    rf"\d+ tokens .* more than its context of 256 tokens"):
+        blender.prompts(text)
+    with pytest.raises(bc.ContextLengthError, match="the base's prompt has"):
+        blender.prompts([{"role": "user", "content": "What is 2 + 2?"}] * 1000)
+    assert calls == []
+    with pytest.raises(bc.ContextLengthError, match="guide_prompt has"):
+        blender.prompts("Hi", guide_prompt="<|end|>" * 1000)
+    assert calls == ["tokenize"]  # the base's prompt, only
+    blender.base.check_fits("x" * (256 * longest), "text")  # the bound refuses only what cannot fit
+
+
+def test_lone_surrogates_are_a_clear_error(blender):
+    """Python strings can hold lone surrogates (from JSON's "\\ud800", say), which have no UTF-8
+    form: a ValueError names the argument, not a bare TypeError from the bindings."""
+    bad = "Hi \ud800 there"
+    for call, name in ((lambda: blender.complete(bad, max_tokens=2), "the prompt"),
+                       (lambda: blender.complete([{"role": "user", "content": bad}], max_tokens=2), "message 0 content"),
+                       (lambda: blender.complete(PROMPT, guide_prompt=bad, max_tokens=2), "guide_prompt"),
+                       (lambda: blender.complete(PROMPT, stop=[bad], max_tokens=2), "stop"),
+                       (lambda: blender.base.tokenize(bad), "text")):
+        with pytest.raises(ValueError, match=f"^{name} is not valid text: it holds a lone surrogate \\(U\\+D800\\) "
+                                             "at index 3$"):
+            call()
+
 def test_context_full_ends_the_generation(blender):
     words = 1
     while len(blender.base.tokenize("word " * words)) < 240:

@@ -8,8 +8,9 @@ from typing import Iterator, NamedTuple, Sequence
 
 from . import _core
 from ._core import BlendError
-from .chat_template import base_transcript
+from .chat_template import base_transcript, check_messages
 from .model import Model
+from .text import check_text
 
 METHODS = tuple(_core.methods())
 # a generation's numeric parameters and their ranges, as the core checks them
@@ -117,35 +118,50 @@ class Blender:
         self.defaults = merged
 
     # --- prompts ------------------------------------------------------------------------------
-    def prompts(self, prompt: str | Sequence[dict], guide_prompt: str | None = None) -> PromptTokens:
+    def prompts(self, prompt: str | Sequence[dict], guide_prompt: str | Sequence[dict] | None = None) -> PromptTokens:
         """Token ids for the base and the guide. A string prompt goes to the base as it is and to
         the guide through its chat template as one user message; a list of chat messages goes to
         the base as a plain transcript (`base_transcript`) and to the guide through its
-        template. `guide_prompt` overrides the guide's text (control tokens are parsed)."""
+        template (`Model.chat_tokens`: the template's markers are control tokens, the messages'
+        text is text). A guide without a template reads the base's text. `guide_prompt`
+        overrides the guide's prompt: chat messages, or its exact text (whose control-token text
+        is parsed: for a caller who wrote the markers). A prompt that cannot fit a model's
+        context raises ContextLengthError before it is tokenized."""
         if isinstance(prompt, PromptTokens):
             return prompt
         if isinstance(prompt, str):
+            check_text("the prompt", prompt)
             if not prompt.strip():
                 raise ValueError("the prompt is empty")
             base_text, messages = prompt, [{"role": "user", "content": prompt}]
         else:
-            messages = list(prompt)
+            messages = check_messages(prompt)
             base_text = base_transcript(messages)
+        self.base.check_fits(base_text, "the base's prompt")
         base_tokens = self.base.tokenize(base_text, add_special=True, special=False)
         guide_tokens: list[int] = []
-        if self.guide is not None:
+        guide = self.guide
+        if guide is not None:
+            if guide_prompt is None and guide.chat_template:
+                guide_prompt = messages
             if guide_prompt is None:
-                guide_prompt = self.guide.render_chat(messages) if self.guide.chat_template else base_text
-            elif not isinstance(guide_prompt, str) or not guide_prompt.strip():
-                raise ValueError("guide_prompt must be a non-empty string")
-            guide_tokens = self.guide.tokenize(guide_prompt, add_special=False, special=True)
-            bos = self.guide.special_tokens["bos"]
-            if self.guide._handle.add_bos and bos >= 0 and (not guide_tokens or guide_tokens[0] != bos):
+                guide.check_fits(base_text, "the guide's prompt")
+                guide_tokens = guide.tokenize(base_text, add_special=False, special=False)
+            elif isinstance(guide_prompt, str):
+                check_text("guide_prompt", guide_prompt)
+                if not guide_prompt.strip():
+                    raise ValueError("guide_prompt must be a non-empty string or chat messages")
+                guide.check_fits(guide_prompt, "guide_prompt")
+                guide_tokens = guide.tokenize(guide_prompt, add_special=False, special=True)
+            else:
+                guide_tokens = guide.chat_tokens(guide_prompt)
+            bos = guide.special_tokens["bos"]
+            if guide._handle.add_bos and bos >= 0 and (not guide_tokens or guide_tokens[0] != bos):
                 guide_tokens.insert(0, bos)
         return PromptTokens(base_tokens, guide_tokens)
 
     # --- generation ---------------------------------------------------------------------------
-    def generate(self, prompt: str | Sequence[dict] | PromptTokens, guide_prompt: str | None = None, *,
+    def generate(self, prompt: str | Sequence[dict] | PromptTokens, guide_prompt: str | Sequence[dict] | None = None, *,
                  max_tokens: int = 256, temperature: float = 0.0, top_k: int = 0, top_p: float = 1.0,
                  min_p: float = 0.0, seed: int = 0, stop: Sequence[str] | str = (), top_logprobs: int = 0,
                  ignore_eos: bool = False, diagnostics: bool = False, **settings) -> Iterator[Step]:
@@ -168,7 +184,7 @@ class Blender:
             self._engine.start(base_tokens, guide_tokens, params)
         return self._steps(run)
 
-    def complete(self, prompt: str | Sequence[dict] | PromptTokens, guide_prompt: str | None = None,
+    def complete(self, prompt: str | Sequence[dict] | PromptTokens, guide_prompt: str | Sequence[dict] | None = None,
                  **kwargs) -> Completion:
         """Generate to the end: the text, the tokens, every step and the statistics."""
         steps = list(self.generate(prompt, guide_prompt, **kwargs))
@@ -204,6 +220,8 @@ class Blender:
         stop = list(stop or [])
         if any(not isinstance(x, str) for x in stop):
             raise TypeError("stop must be a string or a list of strings")
+        for x in stop:
+            check_text("stop", x)
         p = _core.GenParams()
         p.method = method
         p.gamma = _number("gamma", s["gamma"])

@@ -98,12 +98,12 @@ class Chat:
         b = self.blender
         return {role: m for role, m in (("base", b.base), ("guide", b.guide), ("anti", b.anti)) if m is not None}
 
-    def prompt_texts(self, request: str) -> tuple[str, str | None]:
+    def prompt_texts(self, request: str) -> tuple[str, list[dict] | None]:
         """The base's and the guide's prompts for the next answer, as `Blender.generate` takes them.
         The base's is `base_transcript` with every answer exactly as the base read it after
         "Answer:" (base_transcript strips answers and adds a space, which would no longer match
-        the tokens in the base's cache). The guide's template renders answers as they are; a
-        guide without a template reads the base's text (None)."""
+        the tokens in the base's cache). The guide's are the messages, for its template (which
+        renders answers as they are); a guide without a template reads the base's text (None)."""
         messages = self.messages(request)
         base, pending = "", []
         for m in messages:
@@ -114,7 +114,7 @@ class Chat:
                 pending.append(m)
         base += base_transcript(pending)
         guide = self.blender.guide
-        return base, guide.render_chat(messages) if guide is not None and guide.chat_template else None
+        return base, messages if guide is not None and guide.chat_template else None
 
     def n_ctx(self) -> int:
         return min(m.n_ctx for m in self.models().values())

@@ -15,6 +15,8 @@ from typing import Sequence
 import jinja2
 from jinja2.sandbox import ImmutableSandboxedEnvironment
 
+from .text import check_text
+
 ROLES = ("system", "user", "assistant")
 
 # A template comes with a model file, so it is input: its rendering is bounded. Real templates
@@ -112,6 +114,7 @@ def check_messages(messages: Sequence[dict]) -> list[dict]:
             raise ValueError(f"message {i} has role {m['role']!r}; expected one of {', '.join(ROLES)}")
         if not isinstance(m["content"], str):
             raise ValueError(f"message {i} content must be a string")
+        check_text(f"message {i} content", m["content"])
         out.append({"role": m["role"], "content": m["content"]})
     return out
 
