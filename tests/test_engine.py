@@ -111,8 +111,8 @@ def check_against_reference(paths, base_prompt, guide_prompt, method, steps, *, 
 
 
 # ---- every method against the reference -----------------------------------------------------------
-MODES = {"naive": dict(lazy=False), "lazy": dict(lazy=True), "speculative": dict(lazy=True, speculative=True),
-         "ngram": dict(speculative=True, drafter="ngram"), "auto": dict(speculative="auto")}
+MODES = {"naive": dict(lazy=False), "lazy": dict(lazy=True), "speculative": dict(lazy=True, speculative="on"),
+         "ngram": dict(speculative="on", drafter="ngram"), "auto": dict(speculative="auto")}
 
 
 @pytest.mark.parametrize("method", bc.METHODS)
@@ -258,8 +258,8 @@ def test_sampling_is_reproducible(blender):
     assert a.tokens != c.tokens
 
 
-@pytest.mark.parametrize("temperature, top_k, speculative", [(1.0, 0, False), (0.7, 12, False), (1.0, 0, True),
-                                                              (0.7, 12, True)])
+@pytest.mark.parametrize("temperature, top_k, speculative", [(1.0, 0, "off"), (0.7, 12, "off"), (1.0, 0, "on"),
+                                                              (0.7, 12, "on")])
 def test_sampled_frequencies_match_the_policy(blender, paths, temperature, top_k, speculative):
     """Frequencies of the first token over many seeds against the blended distribution at that
     step, computed in numpy: a chi-square statistic within 5 standard deviations of its mean."""
@@ -274,7 +274,7 @@ def test_sampled_frequencies_match_the_policy(blender, paths, temperature, top_k
     n = 3000
     counts = np.zeros_like(p)
     for seed in range(n):
-        # with speculative=True the first token is the guide's draft, kept or resampled by the
+        # with speculative="on" the first token is the guide's draft, kept or resampled by the
         # acceptance rule: its frequencies must still be the policy's
         step = next(iter(blender.generate(PROMPT, max_tokens=2, method="blendin", gamma=1.01,
                                           temperature=temperature, top_k=top_k, seed=seed, speculative=speculative)))
@@ -362,7 +362,7 @@ def test_sampled_frequencies_with_context_drafts(blender, paths, temperature):
     p /= p.sum()
     n, counts, drafted = 3000, np.zeros_like(p), 0
     for seed in range(n):
-        r = blender.complete(REPEATED, max_tokens=2, temperature=temperature, seed=seed, speculative=True,
+        r = blender.complete(REPEATED, max_tokens=2, temperature=temperature, seed=seed, speculative="on",
                              drafter="ngram")
         counts[r.tokens[0]] += 1
         drafted += r.stats["drafted"] > 0
@@ -377,7 +377,7 @@ def test_sampled_frequencies_with_context_drafts(blender, paths, temperature):
 def test_context_drafts_are_verified_exactly(blender):
     """Greedy: every n-gram drafted token the policy would not pick is rejected."""
     plain = blender.complete(REPEATED, max_tokens=48, method="blendin")
-    spec = blender.complete(REPEATED, max_tokens=48, method="blendin", speculative=True, drafter="ngram")
+    spec = blender.complete(REPEATED, max_tokens=48, method="blendin", speculative="on", drafter="ngram")
     assert spec.tokens == plain.tokens
     assert spec.stats["drafted"] > 0
 
@@ -399,7 +399,7 @@ def test_automatic_speculation_follows_the_measured_costs(blender):
 
 def test_speculative_decodes_fewer_base_batches(blender):
     lazy = blender.complete(PROMPT, max_tokens=64, method="ensemble")
-    spec = blender.complete(PROMPT, max_tokens=64, method="ensemble", speculative=True)
+    spec = blender.complete(PROMPT, max_tokens=64, method="ensemble", speculative="on")
     assert spec.tokens == lazy.tokens
     st = spec.stats
     assert st["drafted"] > 0 and 0 < st["accepted"] <= st["drafted"]
@@ -505,7 +505,8 @@ def test_gil_is_released_while_tokenizing(tiny_model):
     (dict(min_p=1.0), ValueError, r"min_p must be a number in \[0, 1\), got 1"),
     (dict(top_logprobs=101), ValueError, r"top_logprobs must be an integer in \[0, 100\]"),
     (dict(draft_max=0), ValueError, "draft_max"),
-    (dict(speculative="sometimes"), ValueError, "speculative must be False, True or 'auto'"),
+    (dict(speculative="sometimes"), ValueError, "speculative must be 'off', 'on' or 'auto', not 'sometimes'"),
+    (dict(speculative=True), ValueError, "speculative must be 'off', 'on' or 'auto', not True"),
     (dict(drafter="oracle"), ValueError, "drafter must be 'guide' or 'ngram'"),
     (dict(top_k=2.5), TypeError, "top_k must be an integer"),
 ], ids=lambda v: str(v) if isinstance(v, str) else None)

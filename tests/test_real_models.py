@@ -168,7 +168,7 @@ def test_qwen_pair_speculative_follows_the_reference_up_to_batched_rounding(qwen
     weights differ from one-token decodes (see above): its choices are the reference's wherever
     the reference's top two are more than 0.05 apart."""
     qwen.reset()
-    r = qwen.complete(QUESTION, max_tokens=32, method="blendin", gamma=GAMMA, speculative=True)
+    r = qwen.complete(QUESTION, max_tokens=32, method="blendin", gamma=GAMMA, speculative="on")
     assert r.stats["drafted"] > 0 and r.stats["accepted"] > 0
     base_prompt, guide_prompt = qwen.prompts(QUESTION)
     exact = check_against_reference(qwen.base.path, qwen.guide.path, base_prompt, guide_prompt, "blendin",

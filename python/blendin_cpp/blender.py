@@ -15,7 +15,7 @@ from .text import check_text
 METHODS = tuple(_core.methods())
 # a generation's numeric parameters and their ranges, as the core checks them
 RANGES = _core.param_ranges()
-SPECULATIVE = {False: "off", True: "on", "auto": "auto"}
+SPECULATIVE = ("off", "on", "auto")  # as the core spells them (Python, CLI, JSON and C++ alike)
 
 Step = _core.Step
 
@@ -68,10 +68,10 @@ class Blender:
         max_intervention_rate: cap on the share of tokens the guide may steer (None = no cap).
         lazy: let the guide fall behind and catch up in one batch when it is consulted (exact);
             False runs the naive loop in which both models decode every token.
-        speculative: True: a drafter proposes up to `draft_max` tokens and the base verifies them
+        speculative: "on": a drafter proposes up to `draft_max` tokens and the base verifies them
             in one batch; every emitted token still follows the policy exactly (greedy: the
             policy's argmax; sampling: the speculative acceptance rule). "auto": only where a
-            batch is measured to cost less than the decodes it saves. Needs lazy.
+            batch is measured to cost less than the decodes it saves. "off": never. Needs lazy.
         drafter: "guide" (the guide drafts) or "ngram" (tokens looked up in the context: free).
         warn_intervention_rate: above this intervention rate the statistics carry a warning.
     """
@@ -82,7 +82,7 @@ class Blender:
     def __init__(self, base: Model, guide: Model | None = None, *, anti: Model | None = None,
                  method: str = "blendin", gamma: float = 0.4, alpha: float | str = "auto",
                  beta: float = 1.0, lambda_: float = 0.5, max_intervention_rate: float | None = None,
-                 lazy: bool = True, speculative: bool | str = False, drafter: str = "guide", draft_max: int = 8,
+                 lazy: bool = True, speculative: str = "off", drafter: str = "guide", draft_max: int = 8,
                  warn_intervention_rate: float = 0.5):
         for name, m in (("base", base), ("guide", guide), ("anti", anti)):
             if m is not None and not isinstance(m, Model):
@@ -213,8 +213,8 @@ class Blender:
             raise ValueError(f"method {method!r} needs a guide model")
         if method == "proxy" and self.anti is None:
             raise ValueError("method 'proxy' needs anti= (the guide's untuned sibling)")
-        if s["speculative"] not in SPECULATIVE:
-            raise ValueError(f"speculative must be False, True or 'auto', not {s['speculative']!r}")
+        if isinstance(s["speculative"], bool) or s["speculative"] not in SPECULATIVE:
+            raise ValueError(f"speculative must be 'off', 'on' or 'auto', not {s['speculative']!r}")
         if isinstance(stop, str):
             stop = [stop]
         stop = list(stop or [])
@@ -231,7 +231,7 @@ class Blender:
         cap = s["max_intervention_rate"]
         p.max_intervention_rate = 1.0 if cap is None else _number("max_intervention_rate", cap)
         p.lazy = bool(s["lazy"])
-        p.speculative = SPECULATIVE[s["speculative"]]
+        p.speculative = s["speculative"]
         p.drafter = s["drafter"]
         p.draft_max = _integer("draft_max", s["draft_max"])
         p.warn_intervention_rate = _number("warn_intervention_rate", s["warn_intervention_rate"])

@@ -43,7 +43,7 @@ Ctrl+D, or Ctrl+C twice at the prompt, leaves.
   /stats                the last answer's and the session's diagnostics, and the settings
   /set NAME VALUE       change a setting: gamma, alpha (a number or auto), beta, lambda,
                         max_intervention_rate (a number or none), temperature, top_p, top_k,
-                        min_p, seed, max_tokens, ignore_eos; /set av NAME LAMBDA turns an
+                        min_p, seed, max_tokens, ignore_eos; /set av NAME SCALE turns an
                         Alignment Vector
   /method NAME          switch the method ({methods})
   /system [TEXT]        set the system prompt (without TEXT: remove it)
@@ -154,12 +154,12 @@ class Chat:
 
     def set(self, name: str, text: str) -> None:
         """Change one setting from its text form; ValueError (the message says why) if it is
-        unknown or out of range. `av NAME LAMBDA` turns an Alignment Vector's knob (--av)."""
+        unknown or out of range. `av NAME SCALE` turns an Alignment Vector's knob (--av)."""
         if name == "av":
             parts = text.split()
             if len(parts) != 2:
-                loaded = ", ".join(self.blender.base.adapter_names) or "none: start the chat with --av PATH:LAMBDA"
-                raise ValueError(f"usage: /set av NAME LAMBDA (NAME: {loaded})")
+                loaded = ", ".join(self.blender.base.adapter_names) or "none: start the chat with --av PATH:SCALE"
+                raise ValueError(f"usage: /set av NAME SCALE (NAME: {loaded})")
             self.set_av(*parts)
             return
         if name in BLEND_SETTINGS:
@@ -188,7 +188,7 @@ class Chat:
         if name not in base.adapter_names:
             raise ValueError(f"no Alignment Vector named {name!r}; loaded: {', '.join(base.adapter_names) or 'none'}")
         scales = base.adapter_scales()
-        scales[base.adapter_names.index(name)] = _number("av lambda", text, float)
+        scales[base.adapter_names.index(name)] = _number("av scale", text, float)
         base.set_adapter_scales(scales)  # the blender re-reads its caches at the next turn
 
     def settings(self) -> dict:

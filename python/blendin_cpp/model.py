@@ -307,7 +307,7 @@ class Model:
         return list(self._handle.adapter_scales())
 
     def set_adapter_scales(self, scales: Sequence[float]) -> None:
-        """Change the LoRA scales at run time (no reload), e.g. Alignment Vector lambdas. The KV
+        """Change the LoRA scales at run time (no reload), e.g. Alignment Vector scales. The KV
         cache held keys and values computed with the old scales, so a change empties it (the next
         generation reads its prompt again)."""
         self._handle.set_adapter_scales([float(s) for s in scales])

@@ -35,7 +35,7 @@ class Server:
         self.max_tokens_limit = min(max_tokens_limit, self.n_ctx)
         self.slot = Slot(blender, max_queue)
         self.created = int(time.time())
-        self.av_defaults = blender.base.adapter_scales()  # the --av lambdas; requests override by name
+        self.av_defaults = blender.base.adapter_scales()  # the --av scales; requests override by name
         for m in (blender.base, blender.guide):
             if m is not None:
                 m._vocab_text  # what refuses a prompt too long to tokenize, read now rather than on a request
@@ -104,7 +104,7 @@ class Server:
             for name, value in (req.av_scales or {}).items():
                 if name not in base.adapter_names:
                     raise ApiError(400, f"no Alignment Vector named {name!r}; this server has: "
-                                   f"{', '.join(base.adapter_names) or 'none (start it with --av PATH:LAMBDA)'}",
+                                   f"{', '.join(base.adapter_names) or 'none (start it with --av PATH:SCALE)'}",
                                    param="av_scales", code="invalid_value")
                 if not math.isfinite(value):
                     raise ApiError(400, f"av_scales[{name!r}] must be finite", param="av_scales",
