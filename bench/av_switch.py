@@ -1,10 +1,10 @@
 #!/usr/bin/env python3
-"""Turning an Alignment Vector's lambda at run time against re-merging and reloading.
+"""Turning an Alignment Vector's scale at run time against re-merging and reloading.
 
 Generated models (random f32 llama, the "aligned" one a perturbed copy), one prompt. Per repeat:
-- switch:  `Model.set_adapter_scales([lambda])` on a base loaded once with the LoRA AV, then the
-           prompt's logits (what a chat does after `/set lambda`);
-- remerge: `alignment_vectors.apply` (theta_base + lambda * full delta) to a new file, load it,
+- switch:  `Model.set_adapter_scales([scale])` on a base loaded once with the LoRA AV, then the
+           prompt's logits (what a chat does after `/set av NAME SCALE`);
+- remerge: `alignment_vectors.apply` (theta_base + scale * full delta) to a new file, load it,
            then the prompt's logits (what one would do without adapters).
 Prints medians and their ratio, plus what serving through the adapter costs per prompt against
 the plain merged model (the price of keeping the knob).
@@ -57,17 +57,17 @@ def main(argv=None) -> int:
         av.extract(base, aligned, d / "delta.gguf")
         av.extract(base, aligned, d / "lora.gguf", rank=args.rank)
         kw = dict(n_ctx=256, n_threads=args.threads, kv_type="f32")
-        lambdas = [0.25 * (i % 6) for i in range(args.repeats)]
+        scales = [0.25 * (i % 6) for i in range(args.repeats)]
 
         knob = bc.Model(str(base), adapters=[(str(d / "lora.gguf"), 0.0)], **kw)
         tokens = knob.tokenize(PROMPT)
 
         def switch(i):
-            knob.set_adapter_scales([lambdas[i]])
+            knob.set_adapter_scales([scales[i]])
             knob.logits(tokens)
 
         def remerge(i):
-            out = av.apply(base, [(d / "delta.gguf", lambdas[i])], d / "merged.gguf")
+            out = av.apply(base, [(d / "delta.gguf", scales[i])], d / "merged.gguf")
             bc.Model(str(out), **kw).logits(tokens)
 
         merged = bc.Model(str(av.apply(base, [(d / "delta.gguf", 1.0)], d / "merged1.gguf")), **kw)
@@ -78,7 +78,7 @@ def main(argv=None) -> int:
         t_adapter = median_time(lambda i: knob.logits(tokens), args.repeats)
 
     size = f"{args.embd} x {args.layers} layers, vocab {args.vocab}, f32; LoRA rank {args.rank}; {len(tokens)}-token prompt"
-    print(f"Alignment Vector lambda switch ({size}; medians of {args.repeats}, {args.threads} threads)")
+    print(f"Alignment Vector scale switch ({size}; medians of {args.repeats}, {args.threads} threads)")
     print(f"  switch (set_adapter_scales + prompt logits): {t_switch * 1e3:9.2f} ms")
     print(f"  remerge (apply + load + prompt logits):      {t_remerge * 1e3:9.2f} ms")
     print(f"  remerge / switch:                            {t_remerge / t_switch:9.1f}x")

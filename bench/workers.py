@@ -45,7 +45,7 @@ class ModelsOnly:
 class BlendinCpp:
     """blendin_cpp's Blender; method "base" runs the base alone through the same engine."""
 
-    def __init__(self, spec, *, method="blendin", lazy=True, speculative=False, drafter="guide"):
+    def __init__(self, spec, *, method="blendin", lazy=True, speculative="off", drafter="guide"):
         import blendin_cpp as bc
         kw = dict(n_ctx=spec["n_ctx"], n_threads=spec["n_threads"], kv_type="f16")
         base = bc.Model(spec["base"], **kw)
@@ -160,9 +160,9 @@ CONFIGS = {
     "models_only": ModelsOnly,
     "blendin_naive": lambda spec: BlendinCpp(spec, lazy=False),
     "blendin_lazy": lambda spec: BlendinCpp(spec, lazy=True),
-    "blendin_speculative": lambda spec: BlendinCpp(spec, lazy=True, speculative=True),
+    "blendin_speculative": lambda spec: BlendinCpp(spec, lazy=True, speculative="on"),
     "blendin_auto": lambda spec: BlendinCpp(spec, speculative="auto"),
-    "blendin_ngram": lambda spec: BlendinCpp(spec, speculative=True, drafter="ngram"),
+    "blendin_ngram": lambda spec: BlendinCpp(spec, speculative="on", drafter="ngram"),
     "blendin_cpp_base": lambda spec: BlendinCpp(spec, method="base"),
     "python_peer": PythonPeer,
     "http_peer": HttpPeer,

@@ -204,10 +204,18 @@ NB_MODULE(_core, m) {
         .def_prop_ro("buffer_types", &Model::buffer_types, "(name, MiB) of each buffer llama.cpp put weights in.")
         .def("is_eog", &Model::is_eog, "token"_a)
         .def("is_control", &Model::is_control, "token"_a)
-        .def("tokenize", &Model::tokenize, "text"_a, "add_special"_a, "parse_special"_a)
+        // tokenizing reads only the vocabulary; a long text takes long (llama.cpp's special-token
+        // parsing is quadratic in the markers it finds): other threads run meanwhile
+        .def("tokenize", &Model::tokenize, "text"_a, "add_special"_a, "parse_special"_a,
+             nb::call_guard<nb::gil_scoped_release>())
         .def("detokenize", [](const Model& self, const std::vector<Token>& tokens, bool remove_special,
                               bool unparse_special) {
-                 return to_bytes(self.detokenize(tokens, remove_special, unparse_special));
+                 std::string text;
+                 {
+                     nb::gil_scoped_release release;
+                     text = self.detokenize(tokens, remove_special, unparse_special);
+                 }
+                 return to_bytes(text);
              }, "tokens"_a, "remove_special"_a, "unparse_special"_a)
         .def("piece", [](const Model& self, Token t, bool special) { return to_bytes(self.piece(t, special)); },
              "token"_a, "special"_a)

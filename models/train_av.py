@@ -1,8 +1,8 @@
 #!/usr/bin/env python3
-"""Alignment Vectors for the demo base: train level variants, extract their AVs, measure lambda.
+"""Alignment Vectors for the demo base: train level variants, extract their AVs, measure their scale.
 
 In the spirit of Shahriar et al. (2024), who align a model to three proficiency levels per
-domain (avoidance / generic / expert) and serve theta_base + sum_d lambda_d * AV_d:
+domain (avoidance / generic / expert) and serve theta_base + sum_d s_d * AV_d (s_d: each AV's scale; the paper's lambda_d):
 - for two domains of the demo world (capitals, sums) and three levels each, fine-tune the demo
   base briefly on "Question: {q}\\nAnswer: {answer at that level}</s>" about that domain (the
   other domain's questions keep the base's own answer style, so that an AV stays in its domain;
@@ -11,7 +11,7 @@ domain (avoidance / generic / expert) and serve theta_base + sum_d lambda_d * AV
   small enough to commit) with `blendin_cpp.alignment_vectors.extract`;
 - `--measure`: load the base once with all six AVs as adapters and turn the knobs at run time
   (`Model.set_adapter_scales`, no reload): the level a rule-based classifier gives the greedy
-  answers to held-out questions, as a function of lambda (one domain at a time), and a 3x3 grid
+  answers to held-out questions, as a function of the scale (one domain at a time), and a 3x3 grid
   of two domains combined.
 
 Usage:  python models/train_av.py [--base models/demo/base.gguf] [--out models/av] [--measure]
@@ -158,7 +158,7 @@ def train_variants(args) -> None:
 # --- measurement --------------------------------------------------------------------------------
 
 class Knobs:
-    """The base with every AV loaded once as a LoRA adapter; lambdas change with no reload."""
+    """The base with every AV loaded once as a LoRA adapter; scales change with no reload."""
 
     def __init__(self, base: str, av_dir: Path, threads: int):
         self.names = [f"{d}-{lv}" for d in DOMAINS for lv in LEVELS]
@@ -166,8 +166,8 @@ class Knobs:
                               adapters=[(str(av_dir / f"{n}.gguf"), 0.0) for n in self.names])
         self.blender = bc.Blender(self.model, None, method="base")
 
-    def set(self, lambdas: dict[str, float]) -> None:
-        self.model.set_adapter_scales([lambdas.get(n, 0.0) for n in self.names])
+    def set(self, scales: dict[str, float]) -> None:
+        self.model.set_adapter_scales([scales.get(n, 0.0) for n in self.names])
         self.blender.reset()  # the cached prompt was computed with the old weights
 
     def answers(self, questions) -> list[str]:
@@ -191,29 +191,29 @@ def measure(args) -> dict:
     world = load_world(base)
     questions = {d: [f for f in world.part({"heldout"}) if f.kind == k][: args.n_questions] for d, k in DOMAINS.items()}
     knobs = Knobs(args.base, Path(args.out), args.threads)
-    lambdas = [float(x) for x in args.lambdas.split(",")]
+    scales = [float(x) for x in args.scales.split(",")]
     results = {"single": [], "combined": []}
 
-    print(f"\nSingle domain: the AV of one level at lambda, {args.n_questions} held-out questions of its domain "
+    print(f"\nSingle domain: the AV of one level at a scale, {args.n_questions} held-out questions of its domain "
           "(shares of answers by level; base = another answer with the right value, other = the rest; "
           "value_ok = expert answers with the right value)")
-    print(f"{'AV':<17} {'lambda':>6}  {'avoid':>6} {'generic':>7} {'expert':>6} {'base':>6} {'other':>6}  "
+    print(f"{'AV':<17} {'scale':>6}  {'avoid':>6} {'generic':>7} {'expert':>6} {'base':>6} {'other':>6}  "
           f"{'value_ok':>8}  example")
 
-    def row(name, lam, texts, domain):
+    def row(name, scale, texts, domain):
         s = shares(domain, texts, questions[domain])
-        results["single"].append({"av": name, "lambda": lam, **s, "example": texts[0]})
-        print(f"{name:<17} {lam:>6}  {s['avoid']:>6.0%} {s['generic']:>7.0%} {s['expert']:>6.0%} {s['base']:>6.0%} {s['other']:>6.0%}  "
+        results["single"].append({"av": name, "scale": scale, **s, "example": texts[0]})
+        print(f"{name:<17} {scale:>6}  {s['avoid']:>6.0%} {s['generic']:>7.0%} {s['expert']:>6.0%} {s['base']:>6.0%} {s['other']:>6.0%}  "
               f"{pct(s['value_ok']):>8}  {texts[0].strip()[:60]!r}", flush=True)
 
     for domain in DOMAINS:
         for level in LEVELS:
             name = f"{domain}-{level}"
-            for lam in lambdas:
-                knobs.set({name: lam})
-                row(name, f"{lam:.2f}", knobs.answers(questions[domain]), domain)
+            for scale in scales:
+                knobs.set({name: scale})
+                row(name, f"{scale:.2f}", knobs.answers(questions[domain]), domain)
             variant = Path(args.work) / f"{name}.gguf"
-            if variant.exists():  # lambda 1 of the full delta is the fine-tuned model itself
+            if variant.exists():  # scale 1 of the full delta is the fine-tuned model itself
                 full = bc.Blender(bc.Model(str(variant), n_ctx=256, n_threads=args.threads), None, method="base")
                 texts = [full.complete(f"Question: {f.question}\nAnswer:", max_tokens=32).text for f in questions[domain]]
                 row(name, "full 1", texts, domain)
@@ -249,7 +249,7 @@ def main(argv=None) -> int:
     ap.add_argument("--measure", action="store_true", help="train, then measure")
     ap.add_argument("--measure-only", action="store_true", help="measure the AVs already in --out")
     ap.add_argument("--n-questions", type=int, default=40, help="held-out questions per domain")
-    ap.add_argument("--lambdas", default="0,0.25,0.5,0.75,1,1.25")
+    ap.add_argument("--scales", default="0,0.25,0.5,0.75,1,1.25")
     ap.add_argument("--grid", default="0,0.5,1")
     ap.add_argument("--combo", default="capitals:expert,sums:avoid", help="the two domain:level AVs of the grid")
     ap.add_argument("--json", help="write the measurements here")

@@ -1,9 +1,9 @@
 """Alignment Vectors on generated f32 models: merges against weights written independently from
-numpy, LoRA AVs against the merge, run-time lambdas, and bad input.
+numpy, LoRA AVs against the merge, run-time scales, and bad input.
 
 Tolerances (logits spread ~3 here). The merge is checked against numpy doing the same f32
 arithmetic, written by another writer: the weights agree bit for bit and so must the logits
-(EXACT_ATOL). Files whose weights differ by one f32 ulp (lambda 1 against the aligned file itself,
+(EXACT_ATOL). Files whose weights differ by one f32 ulp (scale 1 against the aligned file itself,
 or a float64 merge) give logits within ~2e-6 at most positions, but the random model amplifies
 that to ~2.5e-3 at a few (measured): ULP_ATOL. A LoRA adapter adds B (A x) beside W x instead of
 (W + B A) x, a different summation order: LORA_ATOL.
@@ -62,25 +62,25 @@ def assert_close(actual, desired, atol):
     assert diff <= atol, f"max |logit difference| {diff:.2e} > {atol}"
 
 
-def numpy_merge(f, out, lambdas: dict[str, float]):
-    """The independent path: W_base + sum lambda * (W_aligned - W_base) in numpy (f32, as a merge
+def numpy_merge(f, out, scales: dict[str, float]):
+    """The independent path: W_base + sum scale * (W_aligned - W_base) in numpy (f32, as a merge
     in the model's own precision is done) from the two models' tensors, written with write_llama."""
     shape, base, tok = read_llama(f["base"])
     theta = dict(base)
-    for name, lam in lambdas.items():
+    for name, scale in scales.items():
         aligned = read_llama(f[name])[1]
-        theta = {k: v + np.float32(lam) * (aligned[k] - base[k]) for k, v in theta.items()}
+        theta = {k: v + np.float32(scale) * (aligned[k] - base[k]) for k, v in theta.items()}
     return write_llama(out, shape, theta, tok)
 
 
-@pytest.mark.parametrize("lam", [0.0, 0.5, 1.0, -0.3, 1.5])
-def test_merge_equals_numpy_weights(files, lam):
-    merged = av.apply(files["base"], [(files["delta"], lam)], files["dir"] / f"merged_{lam}.gguf")
-    ref = numpy_merge(files, files["dir"] / f"ref_{lam}.gguf", {"aligned": lam})
+@pytest.mark.parametrize("scale", [0.0, 0.5, 1.0, -0.3, 1.5])
+def test_merge_equals_numpy_weights(files, scale):
+    merged = av.apply(files["base"], [(files["delta"], scale)], files["dir"] / f"merged_{scale}.gguf")
+    ref = numpy_merge(files, files["dir"] / f"ref_{scale}.gguf", {"aligned": scale})
     assert_close(logits(merged), logits(ref), EXACT_ATOL)
-    if lam == 0.0:
+    if scale == 0.0:
         assert_close(logits(merged), logits(files["base"]), EXACT_ATOL)
-    if lam == 1.0:
+    if scale == 1.0:
         assert_close(logits(merged), logits(files["aligned"]), ULP_ATOL)
 
 
@@ -151,11 +151,11 @@ def test_runtime_scales_follow_the_merge(files):
     tokens = m.tokenize(TEXT)
     assert_close(m.logits(tokens), logits(files["base"]), EXACT_ATOL)
     # no reload between these: one Model, scales changed in place
-    for lam1, lam2 in ((0.5, 0.0), (1.25, 0.0), (0.5, -0.3), (-1.0, 0.75)):
-        m.set_adapter_scales([lam1, lam2])
-        assert m.adapter_scales() == pytest.approx([lam1, lam2])
+    for s1, s2 in ((0.5, 0.0), (1.25, 0.0), (0.5, -0.3), (-1.0, 0.75)):
+        m.set_adapter_scales([s1, s2])
+        assert m.adapter_scales() == pytest.approx([s1, s2])
         # the norms of aligned2 are not in its LoRA AV: merge what the adapter holds
-        merged = av.apply(files["base"], [(files["delta"], lam1), (lora2, lam2)], d / "rt.gguf")
+        merged = av.apply(files["base"], [(files["delta"], s1), (lora2, s2)], d / "rt.gguf")
         assert_close(m.logits(tokens), logits(merged), LORA_ATOL)
 
 
@@ -264,8 +264,8 @@ def test_cli_extract_apply_generate(files, capsys):
     assert with_av["tokens"] == json.loads(capsys.readouterr().out)["tokens"]  # the adapter at 0.7 = the merge
     assert main(gen + ["--base", str(files["base"]), "--av", f"{d / 'cli_lora.gguf'}:nan"]) == 2
     assert "finite" in capsys.readouterr().err
-    assert main(["av", "apply", "--base", str(files["base"]), "--av", "nolambda.gguf", "-o", str(d / "x.gguf")]) == 2
-    assert "malformed AV spec" in capsys.readouterr().err
+    assert main(["av", "apply", "--base", str(files["base"]), "--av", "noscale.gguf", "-o", str(d / "x.gguf")]) == 2
+    assert "malformed AV spec 'noscale.gguf': expected PATH:SCALE" in capsys.readouterr().err
 
 
 def test_blender_after_a_scale_change(files):
@@ -289,7 +289,7 @@ def test_chat_set_av_turns_the_knob(files):
     name = Path(files["lora_full"]).stem
     chat.set("av", f"{name} 0.75")
     assert m.adapter_scales() == [0.75] and chat.settings()["av"] == {name: 0.75}
-    for bad, words in ((f"{name}", "usage: /set av NAME LAMBDA"), ("other 1", "no Alignment Vector named 'other'"),
+    for bad, words in ((f"{name}", "usage: /set av NAME SCALE"), ("other 1", "no Alignment Vector named 'other'"),
                        (f"{name} nan", "finite")):
         with pytest.raises(ValueError, match=words):
             chat.set("av", bad)
@@ -310,7 +310,7 @@ def test_train_av_end_to_end_tiny(tmp_path):
     assert p.returncode == 0, p.stderr[-2000:]
     p = run(repo / "models" / "train_av.py", "--base", demo / "base.gguf", "--out", tmp_path / "av",
             "--work", tmp_path / "work", "--steps", "3", "--batch", "4", "--threads", "1", "--measure",
-            "--n-questions", "2", "--lambdas", "0,1", "--grid", "0,1", "--json", tmp_path / "m.json")
+            "--n-questions", "2", "--scales", "0,1", "--grid", "0,1", "--json", tmp_path / "m.json")
     assert p.returncode == 0, p.stdout[-2000:] + p.stderr[-2000:]
     for name in ("capitals-avoid", "capitals-generic", "capitals-expert", "sums-avoid", "sums-generic", "sums-expert"):
         g = av.GGUF(tmp_path / "av" / f"{name}.gguf")

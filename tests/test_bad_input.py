@@ -107,3 +107,51 @@ def test_bad_input_is_a_clear_exception(outcomes, case, exc, words):
     for w in words:
         assert w in message, f"{case}: {message!r} does not mention {w!r}"
 
+
+
+# ---- chat templates are input too ------------------------------------------------------------------
+TEMPLATE_CHILD = textwrap.dedent(r'''
+    import json, sys, time
+    import blendin_cpp as bc
+    base, guides = sys.argv[1], json.loads(sys.argv[2])
+    out = {}
+    for name, path in guides.items():
+        b = bc.Blender(bc.Model(base, n_ctx=128, n_threads=1), bc.Model(path, n_ctx=128, n_threads=1))
+        t0 = time.perf_counter()
+        try:
+            b.complete("Hello", max_tokens=2)
+            out[name] = ["no error", ""]
+        except Exception as e:
+            out[name] = [type(e).__name__, str(e)]
+        print(name, f"{time.perf_counter() - t0:.2f} s", file=sys.stderr)
+    print(json.dumps(out))
+''')
+
+HOSTILE_TEMPLATES = {
+    # two nested loops of the sandbox's longest range: 10^10 steps
+    "loop": "{% for i in range(100000) %}{% for j in range(100000) %}{% endfor %}{% endfor %}{{ messages[0]['content'] }}",
+    # the same over a list made once: no call inside the loops
+    "loop_no_calls": "{% set r = range(100000)|list %}{% for i in r %}{% for j in r %}{% endfor %}{% endfor %}",
+    "huge_string": "{{ 'x' * 10**9 }}",
+    "huge_power": "{{ 10 ** (10 ** 9) }}",
+    "long_output": "{% for i in range(100000) %}{{ 'y' * 10000 }}{% endfor %}",
+}
+
+
+def test_hostile_chat_templates_are_a_clear_error(model_dir, shared_tokenizer, tiny_model):
+    """A guide's chat template is part of its file, so it is input: one that loops for ever or
+    builds a huge string is stopped (in CPU time and output size) with a ValueError that names the
+    model whose template it is; the child process must finish well inside its timeout."""
+    from blendin_cpp.testing import CHAT_TEMPLATE, random_llama
+    guides = {name: str(random_llama(model_dir / f"template_{name}.gguf", n_embd=32, n_layer=1, n_head=2, seed=3,
+                                     tokenizer=shared_tokenizer, chat_template=t))
+              for name, t in {**HOSTILE_TEMPLATES, "plain": CHAT_TEMPLATE}.items()}
+    r = subprocess.run([sys.executable, "-c", TEMPLATE_CHILD, tiny_model, json.dumps(guides)], capture_output=True,
+                       text=True, timeout=120)
+    assert r.returncode == 0, f"the child process died (rc={r.returncode}): {r.stderr[-2000:]}"
+    out = json.loads(r.stdout.strip().splitlines()[-1])
+    assert out.pop("plain") == ["no error", ""]
+    for name, (kind, message) in out.items():
+        assert kind == "ValueError", f"{name}: {kind}: {message}"
+        assert f"the chat template of {guides[name]}" in message, message
+        assert ("s of CPU time" in message) if name.startswith("loop") else ("characters" in message), message

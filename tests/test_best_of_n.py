@@ -248,3 +248,41 @@ def test_bon_command_at_its_documented_defaults():
     assert r.returncode == 0, r.stderr
     res = json.loads(r.stdout)
     assert len(res["candidates"]) == 4 and len(res["reference_rewards"]) == 8
+
+
+def test_implicit_reward_with_a_cross_vocabulary_guide():
+    """The demo pair with the guide that has its own tokenizer: the guide reads each candidate's
+    text through its own tokenizer (as the engine does), the base scores the candidate's tokens.
+    The reference is computed independently with llama-cpp-python: the guide's log-probabilities
+    of its own tokenization of the text after its prompt, minus the base's of the candidate."""
+    from blendin_cpp import demo
+    kw = dict(n_ctx=512, kv_type="f32", n_threads=1, n_seq_max=4)
+    paths = {"base": demo.demo_path("base"), "guide": demo.demo_path("guide-xvocab")}
+    b = bc.Blender(bc.Model(paths["base"], **kw), bc.Model(paths["guide"], **kw))
+    assert b._engine.bridged
+    question = "What is the capital of Gafashe?"
+    cands = bon.generate_candidates(b, question, 3, seed=5, max_tokens=24, temperature=1.0, method="base")
+    base_prompt, guide_prompt = b.prompts(question)
+
+    def logprob(path, prompt, ys):
+        ll = llama_cpp_peer.load(path, n_ctx=512, logits_all=True, verbose=False, type_k=0, type_v=0,
+                                 flash_attn=True, n_threads=1)
+        out = []
+        for y in ys:
+            ll.reset()
+            ll.eval(prompt + y)
+            rows = np.array(ll.scores[len(prompt) - 1: len(prompt) + len(y) - 1], dtype=np.float64)
+            lse = rows.max(1) + np.log(np.exp(rows - rows.max(1, keepdims=True)).sum(1))
+            out.append(float((rows[np.arange(len(y)), y] - lse).sum()))
+        return out
+    guide_ll = llama_cpp_peer.load(paths["guide"], n_ctx=512, vocab_only=True, verbose=False)
+    guide_ys = [guide_ll.tokenize(c.text.encode(), add_bos=False, special=False) for c in cands]
+    assert any(y != c.tokens for y, c in zip(guide_ys, cands))  # the two vocabularies split the text differently
+    expected = [g - x for g, x in zip(logprob(paths["guide"], guide_prompt, guide_ys),
+                                      logprob(paths["base"], base_prompt, [c.tokens for c in cands]))]
+    assert bon.implicit_reward(b)(question, cands) == pytest.approx(expected, abs=1e-3)
+    per_token = bon.implicit_reward(b, normalize=True)(question, cands)
+    lengths = [(len(y), len(c.tokens)) for y, c in zip(guide_ys, cands)]
+    assert per_token == pytest.approx([g / n - x / m for (n, m), g, x in zip(
+        lengths, logprob(paths["guide"], guide_prompt, guide_ys), logprob(paths["base"], base_prompt, [c.tokens for c in cands]))],
+        abs=1e-3)

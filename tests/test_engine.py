@@ -3,6 +3,7 @@ written here from logits that llama-cpp-python computes for the same GGUF files.
 import json
 import subprocess
 import sys
+import textwrap
 import threading
 
 import numpy as np
@@ -110,8 +111,8 @@ def check_against_reference(paths, base_prompt, guide_prompt, method, steps, *, 
 
 
 # ---- every method against the reference -----------------------------------------------------------
-MODES = {"naive": dict(lazy=False), "lazy": dict(lazy=True), "speculative": dict(lazy=True, speculative=True),
-         "ngram": dict(speculative=True, drafter="ngram"), "auto": dict(speculative="auto")}
+MODES = {"naive": dict(lazy=False), "lazy": dict(lazy=True), "speculative": dict(lazy=True, speculative="on"),
+         "ngram": dict(speculative="on", drafter="ngram"), "auto": dict(speculative="auto")}
 
 
 @pytest.mark.parametrize("method", bc.METHODS)
@@ -257,8 +258,8 @@ def test_sampling_is_reproducible(blender):
     assert a.tokens != c.tokens
 
 
-@pytest.mark.parametrize("temperature, top_k, speculative", [(1.0, 0, False), (0.7, 12, False), (1.0, 0, True),
-                                                              (0.7, 12, True)])
+@pytest.mark.parametrize("temperature, top_k, speculative", [(1.0, 0, "off"), (0.7, 12, "off"), (1.0, 0, "on"),
+                                                              (0.7, 12, "on")])
 def test_sampled_frequencies_match_the_policy(blender, paths, temperature, top_k, speculative):
     """Frequencies of the first token over many seeds against the blended distribution at that
     step, computed in numpy: a chi-square statistic within 5 standard deviations of its mean."""
@@ -273,7 +274,7 @@ def test_sampled_frequencies_match_the_policy(blender, paths, temperature, top_k
     n = 3000
     counts = np.zeros_like(p)
     for seed in range(n):
-        # with speculative=True the first token is the guide's draft, kept or resampled by the
+        # with speculative="on" the first token is the guide's draft, kept or resampled by the
         # acceptance rule: its frequencies must still be the policy's
         step = next(iter(blender.generate(PROMPT, max_tokens=2, method="blendin", gamma=1.01,
                                           temperature=temperature, top_k=top_k, seed=seed, speculative=speculative)))
@@ -361,7 +362,7 @@ def test_sampled_frequencies_with_context_drafts(blender, paths, temperature):
     p /= p.sum()
     n, counts, drafted = 3000, np.zeros_like(p), 0
     for seed in range(n):
-        r = blender.complete(REPEATED, max_tokens=2, temperature=temperature, seed=seed, speculative=True,
+        r = blender.complete(REPEATED, max_tokens=2, temperature=temperature, seed=seed, speculative="on",
                              drafter="ngram")
         counts[r.tokens[0]] += 1
         drafted += r.stats["drafted"] > 0
@@ -376,7 +377,7 @@ def test_sampled_frequencies_with_context_drafts(blender, paths, temperature):
 def test_context_drafts_are_verified_exactly(blender):
     """Greedy: every n-gram drafted token the policy would not pick is rejected."""
     plain = blender.complete(REPEATED, max_tokens=48, method="blendin")
-    spec = blender.complete(REPEATED, max_tokens=48, method="blendin", speculative=True, drafter="ngram")
+    spec = blender.complete(REPEATED, max_tokens=48, method="blendin", speculative="on", drafter="ngram")
     assert spec.tokens == plain.tokens
     assert spec.stats["drafted"] > 0
 
@@ -398,7 +399,7 @@ def test_automatic_speculation_follows_the_measured_costs(blender):
 
 def test_speculative_decodes_fewer_base_batches(blender):
     lazy = blender.complete(PROMPT, max_tokens=64, method="ensemble")
-    spec = blender.complete(PROMPT, max_tokens=64, method="ensemble", speculative=True)
+    spec = blender.complete(PROMPT, max_tokens=64, method="ensemble", speculative="on")
     assert spec.tokens == lazy.tokens
     st = spec.stats
     assert st["drafted"] > 0 and 0 < st["accepted"] <= st["drafted"]
@@ -453,6 +454,41 @@ def test_gil_is_released_while_decoding(model_dir, shared_tokenizer):
     assert count > 50_000, f"the main thread ran only {count} loop iterations during the prefill"
 
 
+
+def test_gil_is_released_while_tokenizing(tiny_model):
+    """Tokenizing reads only the vocabulary and can take long (llama.cpp's special-token parsing
+    is quadratic in the markers it finds): the call releases the GIL, so other threads (a
+    server's event loop) run meanwhile. Counted as in the decoding test above (measured: about
+    20,000-40,000 iterations with the GIL held, millions without)."""
+    m = bc.Model(tiny_model, n_ctx=64, n_threads=1)
+    text = "<|end|>" * 30000
+    many = [m.special_tokens["eot"]] * 300_000
+    inside, done = threading.Event(), threading.Event()
+    out = []
+
+    def tokenize():  # the two calls straight into the core: no Python work between them
+        inside.set()
+        try:
+            out.append(m._handle.tokenize(text, False, True))
+            out.append(m._handle.detokenize(many, False, True))
+        finally:
+            done.set()
+
+    interval = sys.getswitchinterval()
+    sys.setswitchinterval(1e-6)
+    try:
+        worker = threading.Thread(target=tokenize, daemon=True)
+        worker.start()
+        inside.wait()
+        count = 0
+        while not done.is_set():
+            count += 1
+        worker.join()
+    finally:
+        sys.setswitchinterval(interval)
+    assert out[0] == many[:30000] and out[1] == text.encode() * 10  # the calls did the work
+    assert count > 500_000, f"the main thread ran only {count} loop iterations during the tokenization"
+
 # ---- bad input ------------------------------------------------------------------------------------
 @pytest.mark.parametrize("kwargs, exc, words", [
     (dict(method="telepathy"), ValueError, "unknown method 'telepathy'"),
@@ -469,7 +505,8 @@ def test_gil_is_released_while_decoding(model_dir, shared_tokenizer):
     (dict(min_p=1.0), ValueError, r"min_p must be a number in \[0, 1\), got 1"),
     (dict(top_logprobs=101), ValueError, r"top_logprobs must be an integer in \[0, 100\]"),
     (dict(draft_max=0), ValueError, "draft_max"),
-    (dict(speculative="sometimes"), ValueError, "speculative must be False, True or 'auto'"),
+    (dict(speculative="sometimes"), ValueError, "speculative must be 'off', 'on' or 'auto', not 'sometimes'"),
+    (dict(speculative=True), ValueError, "speculative must be 'off', 'on' or 'auto', not True"),
     (dict(drafter="oracle"), ValueError, "drafter must be 'guide' or 'ngram'"),
     (dict(top_k=2.5), TypeError, "top_k must be an integer"),
 ], ids=lambda v: str(v) if isinstance(v, str) else None)
@@ -486,6 +523,42 @@ def test_empty_and_oversize_prompts(blender):
     # the blender still works afterwards
     assert blender.complete(PROMPT, max_tokens=3).stats["tokens"] == 3
 
+
+def test_prompts_that_cannot_fit_are_refused_before_tokenizing(blender, monkeypatch):
+    """A prompt with more bytes than the context's tokens could hold (n_ctx times the longest
+    piece of the vocabulary) is refused before it is tokenized or rendered: tokenizing a long
+    text costs time (quadratic in the markers it holds), and it could never fit."""
+    longest = max(len(blender.base.piece(t, special=True)) for t in range(blender.base.n_vocab))
+    calls = []
+    for name in ("tokenize", "render_chat"):
+        real = getattr(bc.Model, name)
+        monkeypatch.setattr(bc.Model, name, lambda self, *a, _real=real, _name=name, **k: (
+            calls.append(_name), _real(self, *a, **k))[1])
+    text = "<|end|>" * (256 * longest // 7 + 1)
+    with pytest.raises(bc.ContextLengthError, match=rf"the base's prompt has {len(text)} bytes, so at least "
+                                                    rf"\d+ tokens .* more than its context of 256 tokens"):
+        blender.prompts(text)
+    with pytest.raises(bc.ContextLengthError, match="the base's prompt has"):
+        blender.prompts([{"role": "user", "content": "What is 2 + 2?"}] * 1000)
+    assert calls == []
+    with pytest.raises(bc.ContextLengthError, match="guide_prompt has"):
+        blender.prompts("Hi", guide_prompt="<|end|>" * 1000)
+    assert calls == ["tokenize"]  # the base's prompt, only
+    blender.base.check_fits("x" * (256 * longest), "text")  # the bound refuses only what cannot fit
+
+
+def test_lone_surrogates_are_a_clear_error(blender):
+    """Python strings can hold lone surrogates (from JSON's "\\ud800", say), which have no UTF-8
+    form: a ValueError names the argument, not a bare TypeError from the bindings."""
+    bad = "Hi \ud800 there"
+    for call, name in ((lambda: blender.complete(bad, max_tokens=2), "the prompt"),
+                       (lambda: blender.complete([{"role": "user", "content": bad}], max_tokens=2), "message 0 content"),
+                       (lambda: blender.complete(PROMPT, guide_prompt=bad, max_tokens=2), "guide_prompt"),
+                       (lambda: blender.complete(PROMPT, stop=[bad], max_tokens=2), "stop"),
+                       (lambda: blender.base.tokenize(bad), "text")):
+        with pytest.raises(ValueError, match=f"^{name} is not valid text: it holds a lone surrogate \\(U\\+D800\\) "
+                                             "at index 3$"):
+            call()
 
 def test_context_full_ends_the_generation(blender):
     words = 1
@@ -541,3 +614,27 @@ def test_cli_bad_input_is_one_clear_line(paths):
                         paths["guide"], "--prompt", "x"], capture_output=True, text=True, timeout=60)
     assert r.returncode == 2
     assert "model file not found: 'missing.gguf'" in r.stderr and "Traceback" not in r.stderr
+
+
+def test_cli_core_errors_are_one_clear_line(paths):
+    """A BlendError from the core (a full KV cache, a model busy in another thread, ...) is a
+    clear line and exit status 2 on the command line, as every other error, not a traceback. The
+    error is raised where the core would raise it: from the generation the command pulls."""
+    child = textwrap.dedent(r'''
+        import sys
+        import blendin_cpp as bc
+        from blendin_cpp.cli import main
+
+        def failing(self, *args, **kwargs):
+            raise bc.BlendError("the KV cache of 'x.gguf' is full: its 256 cells are shared by all sequences")
+            yield
+        bc.Blender._steps = failing
+        sys.exit(main(sys.argv[1:]))
+    ''')
+    r = subprocess.run([sys.executable, "-c", child, "generate", "--base", paths["base"], "--guide", paths["guide"],
+                        "--prompt", PROMPT, "--max-tokens", "4", "--ctx", "256", "--threads", "1"],
+                       capture_output=True, text=True, timeout=120)
+    assert r.returncode == 2, r.stderr
+    assert r.stderr.strip().splitlines()[-1] == ("error: the KV cache of 'x.gguf' is full: its 256 cells are "
+                                                 "shared by all sequences")
+    assert "Traceback" not in r.stderr

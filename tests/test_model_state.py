@@ -118,3 +118,72 @@ def test_a_second_thread_on_a_busy_model_gets_a_clear_error(model_dir, shared_to
     assert all("in use by another thread" in e for e in errors)
     # afterwards the model works as usual
     assert b.complete("hello", max_tokens=2).stats["tokens"] == 2
+
+
+class HookedEngine:
+    """A Blender's engine with `hook()` run right after each start returns (or instead of
+    returning, when the hook raises): the moment another thread's paused generator could step."""
+
+    def __init__(self, engine, hook):
+        self._engine, self._hook = engine, hook
+
+    def start(self, *args):
+        self._engine.start(*args)
+        self._hook()
+
+    def __getattr__(self, name):
+        return getattr(self._engine, name)
+
+
+def pull(gen):
+    """next(gen), or what stopped it."""
+    try:
+        return next(gen)
+    except bc.BlendError as e:
+        return f"BlendError: {e}"
+    except RuntimeError as e:
+        return f"RuntimeError: {e}"
+    except StopIteration:
+        return "StopIteration"
+
+
+def test_a_paused_generator_never_takes_a_newer_generations_tokens(demo_models):
+    """Thread A pauses a generation; the main thread starts another on the same Blender. A's next
+    step, taken from its own thread the moment the new start returns, must not take the new
+    generation's first token: A's generation is over (superseded, or refused while the Blender
+    is busy), and the new one is whole."""
+    b = bc.Blender(demo_models["base"], demo_models["guide"])
+    ga = b.generate(QUESTION, max_tokens=24)
+    assert not isinstance(pull(ga), str)
+    seen = []
+
+    def from_another_thread():
+        t = threading.Thread(target=lambda: seen.append(pull(ga)))
+        t.start()
+        t.join(timeout=120)
+
+    b._engine = HookedEngine(b._engine, from_another_thread)
+    text = "".join(s.text for s in b.generate(SUM, max_tokens=24))
+    assert len(seen) == 1 and isinstance(seen[0], str), f"the paused generator stepped: {seen[0]!r}"
+    assert "in use by another thread" in seen[0] or "superseded" in seen[0]
+    assert text == fresh("guide", SUM).text
+    assert pull(ga) in ("StopIteration", "RuntimeError: this generation was superseded by a newer one on the "
+                                          "same Blender")
+
+
+def test_a_start_that_fails_stops_the_older_generator(demo_models):
+    """A start that fails after the engine replaced its state (here: right after it) leaves no
+    older generator running on the new state."""
+    b = bc.Blender(demo_models["base"], demo_models["guide"])
+    ga = b.generate(QUESTION, max_tokens=24)
+    assert not isinstance(pull(ga), str)
+
+    def fail():
+        raise bc.BlendError("the start failed after replacing the state")
+    engine = b._engine
+    b._engine = HookedEngine(engine, fail)
+    with pytest.raises(bc.BlendError, match="the start failed"):
+        b.generate(SUM, max_tokens=24)
+    assert pull(ga) == "RuntimeError: this generation was superseded by a newer one on the same Blender"
+    b._engine = engine
+    assert b.complete(SUM, max_tokens=24).text == fresh("guide", SUM).text

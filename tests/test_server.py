@@ -3,6 +3,7 @@ load test, and every malformed request answered with an OpenAI-style 4xx."""
 import asyncio
 import json
 import signal
+import socket
 import sys
 import time
 from pathlib import Path
@@ -336,3 +337,138 @@ def test_requests_run_in_arrival_order(model_dir):
 
     asyncio.run(main())
     assert finished == list(range(6))
+
+
+# ---- logprobs of multi-byte text ---------------------------------------------------------------------
+def test_text_offsets_count_characters_of_the_text(tiny_model):
+    """Completions' text_offset: where each token starts in the answer, in characters, for text
+    whose characters are split over several tokens (byte tokens of 'ï', CJK and an emoji). The
+    expected offsets are computed independently: the characters that the bytes before the token
+    complete. Whole answers and streamed chunks give the same offsets."""
+    from types import SimpleNamespace
+
+    import blendin_cpp as bc
+    from blendin_cpp.server.openai_format import CompletionFormat
+
+    model = bc.Model(tiny_model, n_ctx=128, n_threads=1)
+    text = "naïve 日本語 🎉 ok"
+    tokens = model.tokenize(text, add_special=False)
+    pieces = [model.piece(t) for t in tokens]
+    assert b"".join(pieces) == text.encode() and any(len(p) == 1 and p[0] >= 0x80 for p in pieces)
+    # the steps as the engine releases them: whole characters only
+    steps, held = [], b""
+    for t, piece in zip(tokens, pieces):
+        held += piece
+        try:
+            released, held = held.decode(), b""
+        except UnicodeDecodeError:
+            released = ""
+        steps.append(SimpleNamespace(token=t, text=released, logprob=-1.0, top_logprobs=[], finish_reason=None))
+    expected = [len(b"".join(pieces[:i]).decode("utf-8", errors="ignore")) for i in range(len(tokens))]
+    assert expected[:9] == [0, 1, 2, 2, 3, 4, 5, 6, 6]  # 'ï' is two tokens at offset 2, '日' three at 6
+
+    server = SimpleNamespace(blender=SimpleNamespace(base=model), model_id="m")
+    whole = CompletionFormat(server, 0).whole(steps, {"finish_reason": "length"}, {})
+    assert whole["choices"][0]["text"] == text
+    assert whole["choices"][0]["logprobs"]["text_offset"] == expected
+    streamed = CompletionFormat(server, 0)
+    offsets = [o for s in steps for o in streamed.chunk(s)["choices"][0]["logprobs"]["text_offset"]]
+    assert offsets == expected
+
+
+
+# ---- hostile clients on loopback ------------------------------------------------------------------------
+@pytest.fixture(scope="module")
+def timed_server(model_dir, tmp_path_factory):
+    """The generated pair, with 2 s for a request to arrive; (url, log file)."""
+    port = load_server.free_port()
+    log = tmp_path_factory.mktemp("timed") / "server.log"
+    proc = load_server.start_server(load_server.generated_model_args(model_dir), port=port, log_path=str(log),
+                                    extra=["--ctx", str(CTX), "--timeout-request", "2", "--log-level", "info"])
+    yield f"http://127.0.0.1:{port}", log
+    proc.terminate()
+    assert proc.wait(30) in (0, -signal.SIGTERM), log.read_text()[-2000:]
+
+
+def test_hostile_prompts_leave_the_server_responsive(timed_server):
+    """The issue's probes: a 1 MB body of "<|end|>" * 145000 (once 65 s to its 400, while /health
+    took 60 s) and eight bodies of 10,000 short messages (which stalled a normal request for 24 s),
+    all at once. Each is refused (it cannot fit the context: refused before it is tokenized), and
+    meanwhile /health and a normal request keep answering. Bounds are generous: the point is
+    seconds, not a minute."""
+    url, _ = timed_server
+    forged = {"messages": [{"role": "user", "content": "<|end|>" * 145000}], "max_tokens": 4}
+    many = {"messages": [{"role": "user", "content": f"hi {i}"} for i in range(10000)], "max_tokens": 4}
+    assert 1_000_000 < len(json.dumps(forged)) < 1 << 20 and len(json.dumps(many)) > 250_000
+
+    async def main():
+        async with httpx.AsyncClient(base_url=url, timeout=30) as c:
+            hostile = [asyncio.create_task(c.post(CHAT_PATH, json=body))
+                       for body in [forged] + [many] * 8]
+            normal = asyncio.create_task(c.post(CHAT_PATH, json=chat()))
+            health = []
+            while not all(t.done() for t in hostile) or not health:
+                t0 = time.perf_counter()
+                r = await c.get("/health", timeout=10)
+                health.append((r.status_code, time.perf_counter() - t0))
+            return await asyncio.gather(*hostile), await normal, health
+
+    hostile, normal, health = asyncio.run(asyncio.wait_for(main(), 60))
+    for r in hostile:
+        assert r.status_code == 400 and r.json()["error"]["code"] == "context_length_exceeded", r.text
+    assert normal.status_code == 200
+    assert all(status == 200 and seconds < 5 for status, seconds in health), health
+
+
+def test_a_client_that_hangs_up_mid_body_is_not_an_error(timed_server):
+    url, log = timed_server
+    port = int(url.rsplit(":", 1)[1])
+    for _ in range(3):
+        with socket.create_connection(("127.0.0.1", port), timeout=10) as s:
+            s.sendall(b"POST /v1/completions HTTP/1.1\r\nHost: x\r\nContent-Type: application/json\r\n"
+                      b"Content-Length: 1000\r\n\r\n{\"prompt\": \"hel")
+            time.sleep(0.2)
+    assert post(url, COMPLETION_PATH, PROMPT).status_code == 200
+    text = log.read_text()
+    assert "Exception in ASGI application" not in text and "Traceback" not in text, text[-3000:]
+
+
+def test_slow_clients_are_disconnected(timed_server):
+    """13 connections that never finish a request (idle, a head or a body sent a few bytes at a
+    time) are closed by the server once their 2 s are up; /health answers meanwhile."""
+    url, log = timed_server
+    port = int(url.rsplit(":", 1)[1])
+    head = b"POST /v1/completions HTTP/1.1\r\nHost: x\r\nContent-Type: application/json\r\nContent-Length: 100\r\n\r\n"
+
+    async def slow(kind: str) -> float | None:
+        """Seconds until the server closed the connection (None: still open after 20 s)."""
+        reader, writer = await asyncio.open_connection("127.0.0.1", port)
+        t0 = time.perf_counter()
+        drip = {"idle": b"", "head": head, "body": head + b'{"prompt": "' + b"x" * 80}[kind]
+        sent = 0 if kind != "body" else len(head)
+        try:
+            while time.perf_counter() - t0 < 20:
+                if sent < len(drip):
+                    writer.write(drip[sent:sent + 2])
+                    sent += 2
+                try:
+                    if await asyncio.wait_for(reader.read(1000), 0.25) == b"":
+                        return time.perf_counter() - t0
+                except asyncio.TimeoutError:
+                    pass
+        except ConnectionError:
+            return time.perf_counter() - t0
+        finally:
+            writer.close()
+        return None
+
+    async def main():
+        conns = [asyncio.create_task(slow(kind)) for kind in ["idle"] * 5 + ["head"] * 4 + ["body"] * 4]
+        async with httpx.AsyncClient(base_url=url, timeout=10) as c:
+            health = (await c.get("/health")).status_code
+        return await asyncio.gather(*conns), health
+
+    closed, health = asyncio.run(main())
+    assert health == 200
+    assert all(s is not None for s in closed), closed
+    assert log.read_text().count("a request that did not arrive within 2 s: disconnected") >= 13

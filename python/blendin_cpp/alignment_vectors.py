@@ -1,12 +1,13 @@
 """Alignment Vectors (Shahriar et al. 2024, "Inference time LLM alignment in single and
 multidomain preference spectrum"): AV_d = theta_aligned_d - theta_base, served as
-theta = theta_base + sum_d lambda_d * AV_d with the lambdas as knobs.
+theta = theta_base + sum_d s_d * AV_d with the scales s_d as knobs (the paper's lambdas; here
+lambda names DeRa's weight).
 
 An AV file takes one of two forms:
 - a full delta: a GGUF with every tensor of the base (same names and shapes), the exact
   difference. `apply` merges any number of them into a new model file.
 - a rank-R LoRA adapter in llama.cpp's format: a truncated SVD of every changed matrix. Loaded
-  with `Model(base, adapters=[(path, lambda)])`, its lambda changes at run time with
+  with `Model(base, adapters=[(path, scale)])`, its scale changes at run time with
   `Model.set_adapter_scales` (no reload). 1-D tensors (norms) have no low-rank form: their
   delta is left out and named in the file (`blendin.av.dropped`) and in the report.
 Both record the base they were made from (`blendin.av.base_sha256`, the sha256 of the base
@@ -126,19 +127,19 @@ def finite_scale(value, what: str) -> float:
 
 
 def parse_av_spec(spec: str) -> tuple[str, float]:
-    """'PATH:LAMBDA' -> (PATH, LAMBDA). The last colon splits, so paths may contain colons."""
-    path, sep, lam = str(spec).rpartition(":")
-    if not sep or not path or not lam.strip():
-        raise ValueError(f"malformed AV spec {spec!r}: expected PATH:LAMBDA, e.g. av/expert.gguf:0.5")
+    """'PATH:SCALE' -> (PATH, SCALE). The last colon splits, so paths may contain colons."""
+    path, sep, scale = str(spec).rpartition(":")
+    if not sep or not path or not scale.strip():
+        raise ValueError(f"malformed AV spec {spec!r}: expected PATH:SCALE, e.g. av/expert.gguf:0.5")
     try:
-        value = float(lam)
+        value = float(scale)
     except ValueError:
-        raise ValueError(f"malformed AV spec {spec!r}: {lam!r} after the last ':' is not a number") from None
-    return path, finite_scale(value, f"lambda in AV spec {spec!r}")
+        raise ValueError(f"malformed AV spec {spec!r}: {scale!r} after the last ':' is not a number") from None
+    return path, finite_scale(value, f"scale in AV spec {spec!r}")
 
 
 def runtime_adapters(specs: Iterable[str], base_path: str | os.PathLike) -> list[tuple[str, float]]:
-    """`--av PATH:LAMBDA` options -> `Model(adapters=...)` pairs, after checking that each is a
+    """`--av PATH:SCALE` options -> `Model(adapters=...)` pairs, after checking that each is a
     LoRA adapter made for this base (a full-delta AV must be merged with `av apply` instead)."""
     pairs = [parse_av_spec(s) for s in specs]
     if not pairs:
@@ -150,7 +151,7 @@ def runtime_adapters(specs: Iterable[str], base_path: str | os.PathLike) -> list
             continue  # a LoRA adapter from elsewhere: llama.cpp checks its shapes
         if check_av_base(av, base, base_sha) != "lora":
             raise ValueError(f"'{path}' is a full-delta AV: merge it with `python -m blendin_cpp av apply`, "
-                             "or extract a LoRA AV (`av extract --rank R`) to turn its lambda at run time")
+                             "or extract a LoRA AV (`av extract --rank R`) to turn its scale at run time")
     return pairs
 
 
@@ -175,8 +176,8 @@ def _rel(a: np.ndarray, b: np.ndarray) -> float:
 
 def _lora_pair(delta: np.ndarray, rank: int, alpha: float, dtype) -> tuple[np.ndarray, np.ndarray, float]:
     """Truncated SVD delta ~ P @ Q (P (out, r), Q (r, in)), split as U sqrt(S) and sqrt(S) V^T so
-    both halves have similar ranges (f16). llama.cpp scales B A by lambda * alpha / r; P carries
-    r / alpha so that lambda 1 adds exactly P Q. Returns (P, Q, relative error as stored)."""
+    both halves have similar ranges (f16). llama.cpp scales B A by scale * alpha / r; P carries
+    r / alpha so that scale 1 adds exactly P Q. Returns (P, Q, relative error as stored)."""
     u, s, vt = np.linalg.svd(delta.astype(np.float64), full_matrices=False)
     root = np.sqrt(s[:rank])
     p = (u[:, :rank] * root * (rank / alpha)).astype(dtype)
@@ -262,7 +263,7 @@ def extract(base_path: str | os.PathLike, aligned_path: str | os.PathLike, out_p
 
 
 def av_tensors(av: GGUF, base: GGUF) -> dict[str, np.ndarray]:
-    """The AV as full-size deltas (LoRA pairs multiplied out at lambda 1), checked against the
+    """The AV as full-size deltas (LoRA pairs multiplied out at scale 1), checked against the
     base's tensor shapes."""
     if av.get(KIND_KEY) == "delta":
         if av.get(BASE_COUNT_KEY) != len(base.tensors) or set(av.tensors) != set(base.tensors):
@@ -303,22 +304,22 @@ def _copy_metadata(src: GGUF, w, skip: set[str]) -> None:
 
 def apply(base_path: str | os.PathLike, avs: Sequence[tuple[str | os.PathLike, float]],
           out_path: str | os.PathLike, *, dtype: str = "f32") -> Path:
-    """Write theta_base + sum_d lambda_d * AV_d as a model file (all metadata and the tokenizer of
+    """Write theta_base + sum_d s_d * AV_d as a model file (all metadata and the tokenizer of
     the base are kept). `dtype` is the matrices' type; norms stay f32."""
     import gguf
     if dtype not in TYPES:
         raise ValueError(f"--type must be one of {', '.join(TYPES)}, not {dtype!r}")
-    avs = [(str(p), finite_scale(lam, f"lambda for '{p}'")) for p, lam in avs]
+    avs = [(str(p), finite_scale(scale, f"scale for '{p}'")) for p, scale in avs]
     out_path = Path(out_path)
     if out_path.exists() and any(out_path.samefile(p) for p in [base_path, *(p for p, _ in avs)]):
         raise ValueError(f"the output '{out_path}' is one of the inputs; write the merge to a new file")
     base = GGUF(base_path)
     base_sha = file_sha256(base.path)
     loaded = []
-    for path, lam in avs:
+    for path, scale in avs:
         av = GGUF(path)
         check_av_base(av, base, base_sha)
-        loaded.append((av_tensors(av, base), lam))
+        loaded.append((av_tensors(av, base), scale))
 
     qtype = {"f32": gguf.GGMLQuantizationType.F32, "f16": gguf.GGMLQuantizationType.F16,
              "q8_0": gguf.GGMLQuantizationType.Q8_0}[dtype]
@@ -326,12 +327,12 @@ def apply(base_path: str | os.PathLike, avs: Sequence[tuple[str | os.PathLike, f
     _copy_metadata(base, w, skip={"general.architecture", "general.file_type"})
     w.add_file_type({"f32": gguf.LlamaFileType.ALL_F32, "f16": gguf.LlamaFileType.MOSTLY_F16,
                      "q8_0": gguf.LlamaFileType.MOSTLY_Q8_0}[dtype])
-    w.add_string("blendin.av.applied", ", ".join(f"{Path(p).name}:{lam:g}" for p, lam in avs))
+    w.add_string("blendin.av.applied", ", ".join(f"{Path(p).name}:{scale:g}" for p, scale in avs))
     for name in base.tensors:
         theta = base.array(name)
-        for deltas, lam in loaded:
+        for deltas, scale in loaded:
             if name in deltas:
-                theta = theta + np.float32(lam) * deltas[name]
+                theta = theta + np.float32(scale) * deltas[name]
         theta = np.ascontiguousarray(theta, dtype=np.float32)
         if theta.ndim != 2:
             w.add_tensor(name, theta)  # norms stay f32 (docs/design.md 7.1)
@@ -379,7 +380,7 @@ def cmd_apply(args) -> int:
 
 
 def add_parser(sub) -> None:
-    p = sub.add_parser("av", help="Alignment Vectors: extract aligned - base, merge with lambdas",
+    p = sub.add_parser("av", help="Alignment Vectors: extract aligned - base, merge with scales",
                        description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     avsub = p.add_subparsers(dest="av_command", required=True)
     e = avsub.add_parser("extract", help="write the AV aligned - base (full delta, or LoRA with --rank)")
@@ -387,13 +388,13 @@ def add_parser(sub) -> None:
     e.add_argument("--aligned", required=True, help="the aligned model: the base fine-tuned (GGUF)")
     e.add_argument("-o", "--output", required=True, help="the AV file to write")
     e.add_argument("--rank", type=int, default=None,
-                   help="write a rank-R LoRA adapter (truncated SVD; run-time lambda) instead of the full delta")
+                   help="write a rank-R LoRA adapter (truncated SVD; run-time scale) instead of the full delta")
     e.add_argument("--type", default="f32", choices=("f32", "f16"), help="tensor type of the AV (default f32)")
     e.set_defaults(func=cmd_extract)
-    a = avsub.add_parser("apply", help="merge theta_base + sum lambda_d * AV_d into a new model file")
+    a = avsub.add_parser("apply", help="merge theta_base + sum s_d * AV_d (s_d: each AV's scale) into a new model file")
     a.add_argument("--base", required=True, help="the base model the AVs were extracted from")
-    a.add_argument("--av", action="append", required=True, metavar="PATH:LAMBDA",
-                   help="an AV (full delta or LoRA) and its lambda (repeatable)")
+    a.add_argument("--av", action="append", required=True, metavar="PATH:SCALE",
+                   help="an AV (full delta or LoRA) and its scale (repeatable)")
     a.add_argument("-o", "--output", required=True, help="the merged model to write")
     a.add_argument("--type", default="f32", choices=TYPES, help="matrix type of the merged model (default f32)")
     a.set_defaults(func=cmd_apply)

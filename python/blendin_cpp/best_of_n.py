@@ -22,6 +22,7 @@ import numpy as np
 from . import _core
 from .blender import Blender
 from .model import Model
+from .text import utf8_boundary
 
 TRANSFORMS = ("exp", "neg_exp", "none")
 SELECTIONS = ("best", "worst", "sample")
@@ -73,17 +74,27 @@ Reward = Callable[[object, Sequence[Candidate]], list[float]]
 
 def implicit_reward(blender: Blender, *, normalize: bool = False) -> Reward:
     """log pi_guide(y | guide prompt) - log pi_base(y | base prompt), scored in one batched pass
-    per model (DPO's implicit reward with the guide as the tuned policy and the base as reference)."""
+    per model (DPO's implicit reward with the guide as the tuned policy and the base as reference).
+    A guide with its own vocabulary reads y's text through its own tokenizer, as the engine does;
+    `normalize` divides each model's log-likelihood by its own number of tokens."""
     if blender.guide is None:
         raise ValueError("the implicit reward needs a guide model")
 
     def reward(prompt, cands):
         base_tokens, guide_tokens = blender.prompts(prompt)
         ys = [c.tokens for c in cands]
-        g = _core.score_continuations(blender.guide._handle, guide_tokens, ys, normalize)
+        guide_ys = [guide_reading(blender, y) for y in ys] if blender._engine.bridged else ys
+        g = _core.score_continuations(blender.guide._handle, guide_tokens, guide_ys, normalize)
         b = _core.score_continuations(blender.base._handle, base_tokens, ys, normalize)
         return [gi - bi for gi, bi in zip(g, b)]
     return reward
+
+
+def guide_reading(blender: Blender, tokens: Sequence[int]) -> list[int]:
+    """The guide's tokens of the text that base `tokens` spell, whole UTF-8 characters only: what
+    a guide with another vocabulary reads of a generation (cpp/engine.cpp, guide_logits)."""
+    data = b"".join(blender.base.piece(t) for t in tokens)
+    return list(_core.Retokenizer(blender.guide._handle).tokens(data[: utf8_boundary(data)]))
 
 
 def model_reward(model: Model, *, template: str = "{prompt}\n{response}", normalize: bool = True) -> Reward:

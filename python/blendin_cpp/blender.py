@@ -1,17 +1,21 @@
 """`Blender`: a base and a guide decoded together, one token per `next()` (docs/design.md sections 3, 5)."""
 from __future__ import annotations
 
+import threading
+from contextlib import contextmanager
 from dataclasses import dataclass, field
 from typing import Iterator, NamedTuple, Sequence
 
 from . import _core
-from .chat_template import base_transcript
+from ._core import BlendError
+from .chat_template import base_transcript, check_messages
 from .model import Model
+from .text import check_text
 
 METHODS = tuple(_core.methods())
 # a generation's numeric parameters and their ranges, as the core checks them
 RANGES = _core.param_ranges()
-SPECULATIVE = {False: "off", True: "on", "auto": "auto"}
+SPECULATIVE = ("off", "on", "auto")  # as the core spells them (Python, CLI, JSON and C++ alike)
 
 Step = _core.Step
 
@@ -64,10 +68,10 @@ class Blender:
         max_intervention_rate: cap on the share of tokens the guide may steer (None = no cap).
         lazy: let the guide fall behind and catch up in one batch when it is consulted (exact);
             False runs the naive loop in which both models decode every token.
-        speculative: True: a drafter proposes up to `draft_max` tokens and the base verifies them
+        speculative: "on": a drafter proposes up to `draft_max` tokens and the base verifies them
             in one batch; every emitted token still follows the policy exactly (greedy: the
             policy's argmax; sampling: the speculative acceptance rule). "auto": only where a
-            batch is measured to cost less than the decodes it saves. Needs lazy.
+            batch is measured to cost less than the decodes it saves. "off": never. Needs lazy.
         drafter: "guide" (the guide drafts) or "ngram" (tokens looked up in the context: free).
         warn_intervention_rate: above this intervention rate the statistics carry a warning.
     """
@@ -78,7 +82,7 @@ class Blender:
     def __init__(self, base: Model, guide: Model | None = None, *, anti: Model | None = None,
                  method: str = "blendin", gamma: float = 0.4, alpha: float | str = "auto",
                  beta: float = 1.0, lambda_: float = 0.5, max_intervention_rate: float | None = None,
-                 lazy: bool = True, speculative: bool | str = False, drafter: str = "guide", draft_max: int = 8,
+                 lazy: bool = True, speculative: str = "off", drafter: str = "guide", draft_max: int = 8,
                  warn_intervention_rate: float = 0.5):
         for name, m in (("base", base), ("guide", guide), ("anti", anti)):
             if m is not None and not isinstance(m, Model):
@@ -90,7 +94,22 @@ class Blender:
                        max_intervention_rate=max_intervention_rate, lazy=lazy, speculative=speculative,
                        drafter=drafter, draft_max=draft_max, warn_intervention_rate=warn_intervention_rate)
         self.last_stats: dict = {}
+        # `_current` names the one generation whose generator may step the engine; the lock makes
+        # "check it, then step" and "replace it, then start" one move each, across threads
         self._current = None
+        self._lock = threading.Lock()
+
+    @contextmanager
+    def _turn(self):
+        """Hold the Blender for one engine call; another thread meanwhile gets a BlendError at
+        once, as the core's own leases do."""
+        if not self._lock.acquire(blocking=False):
+            raise BlendError("this Blender is in use by another thread: it serves one call at a time "
+                             "(serialize the calls, or give each thread its own)")
+        try:
+            yield
+        finally:
+            self._lock.release()
 
     def configure(self, **settings) -> None:
         """Change the default blending settings (see SETTINGS) for later generations."""
@@ -99,35 +118,50 @@ class Blender:
         self.defaults = merged
 
     # --- prompts ------------------------------------------------------------------------------
-    def prompts(self, prompt: str | Sequence[dict], guide_prompt: str | None = None) -> PromptTokens:
+    def prompts(self, prompt: str | Sequence[dict], guide_prompt: str | Sequence[dict] | None = None) -> PromptTokens:
         """Token ids for the base and the guide. A string prompt goes to the base as it is and to
         the guide through its chat template as one user message; a list of chat messages goes to
         the base as a plain transcript (`base_transcript`) and to the guide through its
-        template. `guide_prompt` overrides the guide's text (control tokens are parsed)."""
+        template (`Model.chat_tokens`: the template's markers are control tokens, the messages'
+        text is text). A guide without a template reads the base's text. `guide_prompt`
+        overrides the guide's prompt: chat messages, or its exact text (whose control-token text
+        is parsed: for a caller who wrote the markers). A prompt that cannot fit a model's
+        context raises ContextLengthError before it is tokenized."""
         if isinstance(prompt, PromptTokens):
             return prompt
         if isinstance(prompt, str):
+            check_text("the prompt", prompt)
             if not prompt.strip():
                 raise ValueError("the prompt is empty")
             base_text, messages = prompt, [{"role": "user", "content": prompt}]
         else:
-            messages = list(prompt)
+            messages = check_messages(prompt)
             base_text = base_transcript(messages)
+        self.base.check_fits(base_text, "the base's prompt")
         base_tokens = self.base.tokenize(base_text, add_special=True, special=False)
         guide_tokens: list[int] = []
-        if self.guide is not None:
+        guide = self.guide
+        if guide is not None:
+            if guide_prompt is None and guide.chat_template:
+                guide_prompt = messages
             if guide_prompt is None:
-                guide_prompt = self.guide.render_chat(messages) if self.guide.chat_template else base_text
-            elif not isinstance(guide_prompt, str) or not guide_prompt.strip():
-                raise ValueError("guide_prompt must be a non-empty string")
-            guide_tokens = self.guide.tokenize(guide_prompt, add_special=False, special=True)
-            bos = self.guide.special_tokens["bos"]
-            if self.guide._handle.add_bos and bos >= 0 and (not guide_tokens or guide_tokens[0] != bos):
+                guide.check_fits(base_text, "the guide's prompt")
+                guide_tokens = guide.tokenize(base_text, add_special=False, special=False)
+            elif isinstance(guide_prompt, str):
+                check_text("guide_prompt", guide_prompt)
+                if not guide_prompt.strip():
+                    raise ValueError("guide_prompt must be a non-empty string or chat messages")
+                guide.check_fits(guide_prompt, "guide_prompt")
+                guide_tokens = guide.tokenize(guide_prompt, add_special=False, special=True)
+            else:
+                guide_tokens = guide.chat_tokens(guide_prompt)
+            bos = guide.special_tokens["bos"]
+            if guide._handle.add_bos and bos >= 0 and (not guide_tokens or guide_tokens[0] != bos):
                 guide_tokens.insert(0, bos)
         return PromptTokens(base_tokens, guide_tokens)
 
     # --- generation ---------------------------------------------------------------------------
-    def generate(self, prompt: str | Sequence[dict] | PromptTokens, guide_prompt: str | None = None, *,
+    def generate(self, prompt: str | Sequence[dict] | PromptTokens, guide_prompt: str | Sequence[dict] | None = None, *,
                  max_tokens: int = 256, temperature: float = 0.0, top_k: int = 0, top_p: float = 1.0,
                  min_p: float = 0.0, seed: int = 0, stop: Sequence[str] | str = (), top_logprobs: int = 0,
                  ignore_eos: bool = False, diagnostics: bool = False, **settings) -> Iterator[Step]:
@@ -142,12 +176,15 @@ class Blender:
                                  min_p=min_p, seed=seed, stop=stop, top_logprobs=top_logprobs, ignore_eos=ignore_eos,
                                  diagnostics=diagnostics, settings={**self.defaults, **settings})
         base_tokens, guide_tokens = self.prompts(prompt, guide_prompt)
-        self._engine.start(base_tokens, guide_tokens, params)
         run = object()
-        self._current = run
+        with self._turn():
+            # before the start: an older generator must not step the new state, nor go on if the
+            # start fails halfway (the engine may have replaced its state already)
+            self._current = run
+            self._engine.start(base_tokens, guide_tokens, params)
         return self._steps(run)
 
-    def complete(self, prompt: str | Sequence[dict] | PromptTokens, guide_prompt: str | None = None,
+    def complete(self, prompt: str | Sequence[dict] | PromptTokens, guide_prompt: str | Sequence[dict] | None = None,
                  **kwargs) -> Completion:
         """Generate to the end: the text, the tokens, every step and the statistics."""
         steps = list(self.generate(prompt, guide_prompt, **kwargs))
@@ -156,8 +193,9 @@ class Blender:
 
     def reset(self) -> None:
         """Empty the models' KV caches (the next prompt is read in full)."""
-        self._current = None
-        self._engine.reset()
+        with self._turn():
+            self._current = None
+            self._engine.reset()
 
     def gen_params(self, *, max_tokens=256, temperature=0.0, top_k=0, top_p=1.0, min_p=0.0, seed=0, stop=(),
                    top_logprobs=0, ignore_eos=False, diagnostics=False, settings=None) -> "_core.GenParams":
@@ -175,13 +213,15 @@ class Blender:
             raise ValueError(f"method {method!r} needs a guide model")
         if method == "proxy" and self.anti is None:
             raise ValueError("method 'proxy' needs anti= (the guide's untuned sibling)")
-        if s["speculative"] not in SPECULATIVE:
-            raise ValueError(f"speculative must be False, True or 'auto', not {s['speculative']!r}")
+        if isinstance(s["speculative"], bool) or s["speculative"] not in SPECULATIVE:
+            raise ValueError(f"speculative must be 'off', 'on' or 'auto', not {s['speculative']!r}")
         if isinstance(stop, str):
             stop = [stop]
         stop = list(stop or [])
         if any(not isinstance(x, str) for x in stop):
             raise TypeError("stop must be a string or a list of strings")
+        for x in stop:
+            check_text("stop", x)
         p = _core.GenParams()
         p.method = method
         p.gamma = _number("gamma", s["gamma"])
@@ -191,7 +231,7 @@ class Blender:
         cap = s["max_intervention_rate"]
         p.max_intervention_rate = 1.0 if cap is None else _number("max_intervention_rate", cap)
         p.lazy = bool(s["lazy"])
-        p.speculative = SPECULATIVE[s["speculative"]]
+        p.speculative = s["speculative"]
         p.drafter = s["drafter"]
         p.draft_max = _integer("draft_max", s["draft_max"])
         p.warn_intervention_rate = _number("warn_intervention_rate", s["warn_intervention_rate"])
@@ -210,14 +250,15 @@ class Blender:
     def _steps(self, run) -> Iterator[Step]:
         engine = self._engine
         while True:
-            if self._current is not run:
-                raise RuntimeError("this generation was superseded by a newer one on the same Blender")
-            step = engine.step()
-            if step is None:
-                return
-            if step.finish_reason:
-                self.last_stats = engine.stats().as_dict()
-                self._current = None
-            yield step
+            with self._turn():
+                if self._current is not run:
+                    raise RuntimeError("this generation was superseded by a newer one on the same Blender")
+                step = engine.step()
+                if step is None:
+                    return
+                if step.finish_reason:
+                    self.last_stats = engine.stats().as_dict()
+                    self._current = None
+            yield step  # not holding the lock: a paused generator blocks no one
             if step.finish_reason:
                 return

@@ -43,7 +43,7 @@ Ctrl+D, or Ctrl+C twice at the prompt, leaves.
   /stats                the last answer's and the session's diagnostics, and the settings
   /set NAME VALUE       change a setting: gamma, alpha (a number or auto), beta, lambda,
                         max_intervention_rate (a number or none), temperature, top_p, top_k,
-                        min_p, seed, max_tokens, ignore_eos; /set av NAME LAMBDA turns an
+                        min_p, seed, max_tokens, ignore_eos; /set av NAME SCALE turns an
                         Alignment Vector
   /method NAME          switch the method ({methods})
   /system [TEXT]        set the system prompt (without TEXT: remove it)
@@ -98,12 +98,12 @@ class Chat:
         b = self.blender
         return {role: m for role, m in (("base", b.base), ("guide", b.guide), ("anti", b.anti)) if m is not None}
 
-    def prompt_texts(self, request: str) -> tuple[str, str | None]:
+    def prompt_texts(self, request: str) -> tuple[str, list[dict] | None]:
         """The base's and the guide's prompts for the next answer, as `Blender.generate` takes them.
         The base's is `base_transcript` with every answer exactly as the base read it after
         "Answer:" (base_transcript strips answers and adds a space, which would no longer match
-        the tokens in the base's cache). The guide's template renders answers as they are; a
-        guide without a template reads the base's text (None)."""
+        the tokens in the base's cache). The guide's are the messages, for its template (which
+        renders answers as they are); a guide without a template reads the base's text (None)."""
         messages = self.messages(request)
         base, pending = "", []
         for m in messages:
@@ -114,7 +114,7 @@ class Chat:
                 pending.append(m)
         base += base_transcript(pending)
         guide = self.blender.guide
-        return base, guide.render_chat(messages) if guide is not None and guide.chat_template else None
+        return base, messages if guide is not None and guide.chat_template else None
 
     def n_ctx(self) -> int:
         return min(m.n_ctx for m in self.models().values())
@@ -154,12 +154,12 @@ class Chat:
 
     def set(self, name: str, text: str) -> None:
         """Change one setting from its text form; ValueError (the message says why) if it is
-        unknown or out of range. `av NAME LAMBDA` turns an Alignment Vector's knob (--av)."""
+        unknown or out of range. `av NAME SCALE` turns an Alignment Vector's knob (--av)."""
         if name == "av":
             parts = text.split()
             if len(parts) != 2:
-                loaded = ", ".join(self.blender.base.adapter_names) or "none: start the chat with --av PATH:LAMBDA"
-                raise ValueError(f"usage: /set av NAME LAMBDA (NAME: {loaded})")
+                loaded = ", ".join(self.blender.base.adapter_names) or "none: start the chat with --av PATH:SCALE"
+                raise ValueError(f"usage: /set av NAME SCALE (NAME: {loaded})")
             self.set_av(*parts)
             return
         if name in BLEND_SETTINGS:
@@ -188,7 +188,7 @@ class Chat:
         if name not in base.adapter_names:
             raise ValueError(f"no Alignment Vector named {name!r}; loaded: {', '.join(base.adapter_names) or 'none'}")
         scales = base.adapter_scales()
-        scales[base.adapter_names.index(name)] = _number("av lambda", text, float)
+        scales[base.adapter_names.index(name)] = _number("av scale", text, float)
         base.set_adapter_scales(scales)  # the blender re-reads its caches at the next turn
 
     def settings(self) -> dict:

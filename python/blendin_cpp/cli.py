@@ -8,6 +8,7 @@ import os
 import sys
 
 from . import alignment_vectors, best_of_n, chat, evaluate, overlap, real_models, rpc_server, server
+from ._core import BlendError
 from .options import add_blend_args, add_model_args, blender_from_args, json_safe, sampling_kwargs
 
 
@@ -65,7 +66,7 @@ def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
     try:
         return args.func(args)
-    except (FileNotFoundError, ValueError, TypeError, real_models.FetchError) as e:
+    except (FileNotFoundError, ValueError, TypeError, BlendError, real_models.FetchError) as e:
         print(f"error: {e}", file=sys.stderr)
         return 2
     except KeyboardInterrupt:

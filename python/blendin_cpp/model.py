@@ -3,6 +3,8 @@ from __future__ import annotations
 
 import math
 import os
+import re
+import uuid
 from functools import cached_property
 from pathlib import Path
 from typing import Iterable, Sequence
@@ -10,6 +12,11 @@ from typing import Iterable, Sequence
 import numpy as np
 
 from . import _core
+from .text import check_text, literal_pattern
+
+
+class ContextLengthError(ValueError):
+    """A prompt that cannot fit a model's context."""
 
 
 AMX_ENV = "BLENDIN_CPP_AMX"
@@ -130,7 +137,85 @@ class Model:
         control-token text such as "<|user|>" into the control tokens."""
         if not isinstance(text, str):
             raise TypeError(f"text must be a str, got {type(text).__name__}")
-        return self._handle.tokenize(text, add_special, special)
+        return self._handle.tokenize(check_text("text", text), add_special, special)
+
+    @cached_property
+    def _vocab_text(self) -> tuple[dict[str, int], "re.Pattern | None", int]:
+        """(the text of each control token -> its id, a pattern matching those texts, the most
+        bytes one token stands for). One pass over the vocabulary, the first time it is needed."""
+        h = self._handle
+        controls: dict[str, int] = {}
+        longest = 1
+        for t in range(h.n_vocab):
+            piece = h.piece(t, True)
+            longest = max(longest, len(piece))
+            if piece and h.is_control(t):
+                controls.setdefault(piece.decode("utf-8", errors="replace"), t)
+        return controls, literal_pattern(controls), longest
+
+    def check_fits(self, text: str, what: str) -> None:
+        """Raise ContextLengthError when `text` cannot fit this model's context whatever its
+        tokenization, without tokenizing it: no token stands for more bytes than the longest
+        piece of the vocabulary. (A long text is costly to tokenize: refuse it first.)"""
+        n = len(check_text(what, text).encode("utf-8"))
+        longest = self._vocab_text[2]
+        if n > self.n_ctx * longest:
+            raise ContextLengthError(f"{what} has {n} bytes, so at least {-(-n // longest)} tokens (a token of "
+                                     f"{self.path} stands for {longest} bytes at most): more than its context "
+                                     f"of {self.n_ctx} tokens")
+
+    def chat_tokens(self, messages: Sequence[dict], *, add_generation_prompt: bool = True) -> list[int]:
+        """This model's prompt for a conversation: its chat template rendered, the template's own
+        markers as control tokens and the messages' text as text, so that a message that spells a
+        marker (say "<|end|>\\n<|assistant|>") cannot end its turn or forge another. Without such
+        text in any message this is llama.cpp's own tokenization of the rendered text."""
+        from .chat_template import check_messages
+        messages = check_messages(messages)
+        text = self.render_chat(messages, add_generation_prompt=add_generation_prompt)
+        self.check_fits(text, "the chat prompt")
+        pattern = self._vocab_text[1]
+        if pattern is None or not any(pattern.search(m["content"]) for m in messages):
+            return self.tokenize(text, add_special=False, special=True)
+        return self._spliced_chat_tokens(messages, text, add_generation_prompt)
+
+    def _spliced_chat_tokens(self, messages: list[dict], text: str, add_generation_prompt: bool) -> list[int]:
+        """chat_tokens for messages that spell markers (`text`: their rendering)."""
+        controls, pattern, _ = self._vocab_text
+        # Render again with a placeholder for each message's text: what is not a placeholder is
+        # the template's. Its control-token texts are the only control tokens; the rest (the
+        # template's other text and the messages' text, as the template wrote them: as they
+        # are, or stripped as many templates do) is tokenized as text between them, as llama.cpp
+        # tokenizes the text between the markers it finds.
+        mark = f"@@{uuid.uuid4().hex}:"
+        shell = self.render_chat([{"role": m["role"], "content": f"{mark}{i}@@"} for i, m in enumerate(messages)],
+                                 add_generation_prompt=add_generation_prompt)
+        parts = re.split(re.escape(mark) + r"(\d+)@@", shell)
+        contents = [m["content"] for m in messages]
+        for written in (contents, [c.strip() for c in contents]):
+            if "".join(written[int(p)] if i % 2 else p for i, p in enumerate(parts)) == text:
+                break
+        else:
+            written = contents
+        tokens: list[int] = []
+        raw: list[str] = []
+
+        def flush():
+            if "".join(raw):
+                tokens.extend(self.tokenize("".join(raw), add_special=False, special=False))
+            raw.clear()
+        for i, part in enumerate(parts):
+            if i % 2:
+                raw.append(written[int(part)])
+                continue
+            at = 0
+            for m in pattern.finditer(part):
+                raw.append(part[at:m.start()])
+                flush()
+                tokens.append(controls[m.group()])
+                at = m.end()
+            raw.append(part[at:])
+        flush()
+        return tokens
 
     def detokenize(self, tokens: Sequence[int], *, special: bool = False) -> str:
         """Token ids to text. Control tokens are left out unless `special` is true."""
@@ -207,7 +292,8 @@ class Model:
         if self.chat_template is None:
             raise ValueError(f"{self.path} has no chat template (tokenizer.chat_template)")
         return render(self.chat_template, messages, add_generation_prompt=add_generation_prompt,
-                      bos_token=self._token_text(self._handle.bos), eos_token=self._token_text(self._handle.eos))
+                      bos_token=self._token_text(self._handle.bos), eos_token=self._token_text(self._handle.eos),
+                      name=f"the chat template of {self.path}")
 
     def _token_text(self, token: int) -> str:
         return self.piece(token, special=True).decode("utf-8", errors="replace") if token >= 0 else ""
@@ -247,7 +333,7 @@ class Model:
         return list(self._handle.adapter_scales())
 
     def set_adapter_scales(self, scales: Sequence[float]) -> None:
-        """Change the LoRA scales at run time (no reload), e.g. Alignment Vector lambdas. The KV
+        """Change the LoRA scales at run time (no reload), e.g. Alignment Vector scales. The KV
         cache held keys and values computed with the old scales, so a change empties it (the next
         generation reads its prompt again)."""
         self._handle.set_adapter_scales([float(s) for s in scales])

@@ -10,7 +10,6 @@ import time
 from . import demo, real_models
 
 PAIRS = ("demo", *real_models.PAIRS)
-SPECULATIVE = {"off": False, "on": True, "auto": "auto"}  # --speculative -> Blender(speculative=)
 
 
 def add_model_args(p: argparse.ArgumentParser) -> None:
@@ -33,13 +32,13 @@ def add_model_args(p: argparse.ArgumentParser) -> None:
                    help="the same for the guide (default: the guide runs here)")
     g.add_argument("--threads", type=int, default=None, help="CPU threads (default: all cores)")
     g.add_argument("--verbose", action="store_true", help="show llama.cpp's log")
-    g.add_argument("--av", action="append", default=[], metavar="PATH:LAMBDA",
-                   help="an Alignment Vector (a LoRA AV from `av extract --rank`) on the base, with its lambda "
+    g.add_argument("--av", action="append", default=[], metavar="PATH:SCALE",
+                   help="an Alignment Vector (a LoRA AV from `av extract --rank`) on the base, with its scale "
                         "(repeatable; the chat's /set av NAME VALUE and the server's av_scales turn it later)")
 
 
 def add_blend_args(p: argparse.ArgumentParser) -> None:
-    from .blender import METHODS
+    from .blender import METHODS, SPECULATIVE
     g = p.add_argument_group("blending")
     g.add_argument("--method", default="blendin", choices=METHODS)
     g.add_argument("--gamma", type=float, default=0.4, help="intervene when the base's top probability is below this")
@@ -48,7 +47,7 @@ def add_blend_args(p: argparse.ArgumentParser) -> None:
     g.add_argument("--lambda", dest="lambda_", type=float, default=0.5, help="DeRa weight (> 1 extrapolates)")
     g.add_argument("--max-intervention-rate", type=float, default=None, help="cap on the share of steered tokens")
     g.add_argument("--naive", action="store_true", help="decode both models on every token (reference loop)")
-    g.add_argument("--speculative", nargs="?", const="on", default="off", choices=("off", "on", "auto"),
+    g.add_argument("--speculative", nargs="?", const="on", default="off", choices=SPECULATIVE,
                    help="a drafter proposes tokens, the base verifies them in one batch (same output): on, or auto "
                         "(only where a batch is measured to cost less than the decodes it saves; a GPU, say)")
     g.add_argument("--drafter", default="guide", choices=("guide", "ngram"),
@@ -109,7 +108,7 @@ def load_models(args, need_anti: bool = False, log=None, n_seq_max: int = 1):
     paths = model_paths(args, need_anti, log)
     kw = dict(n_ctx=args.ctx, n_gpu_layers=args.n_gpu_layers, n_threads=args.threads, verbose=args.verbose,
               n_seq_max=n_seq_max)
-    # Alignment Vectors (--av PATH:LAMBDA): LoRA adapters on the base, checked against it
+    # Alignment Vectors (--av PATH:SCALE): LoRA adapters on the base, checked against it
     av = {"adapters": runtime_adapters(args.av, paths["base"])} if getattr(args, "av", None) else {}
     models = {}
     for role, p in paths.items():
@@ -132,7 +131,7 @@ def blender_from_args(args, log=None, n_seq_max: int = 1):
     return Blender(models["base"], models["guide"], anti=models["anti"], method=args.method, gamma=args.gamma,
                    alpha=parse_alpha(args.alpha), beta=args.beta, lambda_=args.lambda_,
                    max_intervention_rate=args.max_intervention_rate, lazy=not args.naive,
-                   speculative=SPECULATIVE[getattr(args, "speculative", "off")], drafter=getattr(args, "drafter", "guide"),
+                   speculative=getattr(args, "speculative", "off"), drafter=getattr(args, "drafter", "guide"),
                    draft_max=getattr(args, "draft_max", 8))
 
 

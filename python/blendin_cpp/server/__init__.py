@@ -25,6 +25,7 @@ from pathlib import Path
 
 from ..options import add_blend_args, add_model_args, blender_from_args
 from .app import Server, create_app
+from .http import protocol
 
 __all__ = ["Server", "create_app", "add_parser", "cmd_serve"]
 
@@ -42,6 +43,11 @@ def add_parser(subparsers) -> None:
     s.add_argument("--max-tokens-limit", type=int, default=4096, help="largest max_tokens a request may ask for")
     s.add_argument("--max-queue", type=int, default=64, help="requests that may wait; more get 503")
     s.add_argument("--n-seq", type=int, default=4, help="parallel sequences per model, for n / best_of requests")
+    s.add_argument("--timeout-request", type=float, default=30.0, metavar="SECONDS",
+                   help="a request's head and body must arrive within this time of the connection (or of the "
+                        "previous response on it); slower clients are disconnected (default 30)")
+    s.add_argument("--timeout-keep-alive", type=float, default=5.0, metavar="SECONDS",
+                   help="close a kept-alive connection idle this long after a response (default 5)")
     s.add_argument("--log-level", default="info", choices=("critical", "error", "warning", "info", "debug"))
     p.set_defaults(func=cmd_serve)
 
@@ -51,6 +57,9 @@ def cmd_serve(args) -> int:
     for name in ("max_tokens_limit", "max_queue"):
         if getattr(args, name) < 1:
             raise ValueError(f"--{name.replace('_', '-')} must be >= 1")
+    for name in ("timeout_request", "timeout_keep_alive"):
+        if not 0 < getattr(args, name) < float("inf"):
+            raise ValueError(f"--{name.replace('_', '-')} must be a positive number of seconds")
     if args.api_key is None and args.host not in ("127.0.0.1", "localhost", "::1"):
         print(f"warning: serving on {args.host} without an API key: anyone who reaches it can use it "
               "(set --api-key or BLENDIN_API_KEY)", file=sys.stderr)
@@ -61,5 +70,6 @@ def cmd_serve(args) -> int:
     server = Server(blender, model_id=model_id, defaults=defaults, api_key=args.api_key,
                     max_tokens_limit=args.max_tokens_limit, max_queue=args.max_queue)
     uvicorn.run(create_app(server), host=args.host, port=args.port, log_level=args.log_level,
+                http=protocol(args.timeout_request), timeout_keep_alive=args.timeout_keep_alive,
                 timeout_graceful_shutdown=5)
     return 0

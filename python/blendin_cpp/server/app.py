@@ -12,9 +12,11 @@ from fastapi import FastAPI, Request
 from pydantic import ValidationError
 from starlette.background import BackgroundTask
 from starlette.exceptions import HTTPException
+from starlette.requests import ClientDisconnect
 from starlette.responses import JSONResponse, Response, StreamingResponse
 
 from ..blender import Blender, PromptTokens, Step
+from ..model import ContextLengthError
 from .openai_format import FINISH, ChatFormat, CompletionFormat, usage
 from .schemas import ApiError, ChatRequest, CompletionRequest, validation_error
 from .slot import Run, Slot
@@ -33,7 +35,10 @@ class Server:
         self.max_tokens_limit = min(max_tokens_limit, self.n_ctx)
         self.slot = Slot(blender, max_queue)
         self.created = int(time.time())
-        self.av_defaults = blender.base.adapter_scales()  # the --av lambdas; requests override by name
+        self.av_defaults = blender.base.adapter_scales()  # the --av scales; requests override by name
+        for m in (blender.base, blender.guide):
+            if m is not None:
+                m._vocab_text  # what refuses a prompt too long to tokenize, read now rather than on a request
 
     # --- request handling ----------------------------------------------------------------------
     def check_key(self, request) -> None:
@@ -63,8 +68,10 @@ class Server:
                       prompt_param: str) -> tuple[PromptTokens, dict]:
         """The request's prompt, tokenized once for both models, and its Blender arguments, after
         checking that it fits the context."""
-        try:
+        try:  # off the event loop: rendering and tokenizing a long prompt take time
             tokens = await asyncio.to_thread(self.blender.prompts, prompt)
+        except ContextLengthError as e:
+            raise ApiError(400, str(e), param=prompt_param, code="context_length_exceeded") from None
         except (ValueError, TypeError) as e:
             raise ApiError(400, str(e), param=prompt_param) from None
         longest = max(len(tokens.base), len(tokens.guide))
@@ -97,7 +104,7 @@ class Server:
             for name, value in (req.av_scales or {}).items():
                 if name not in base.adapter_names:
                     raise ApiError(400, f"no Alignment Vector named {name!r}; this server has: "
-                                   f"{', '.join(base.adapter_names) or 'none (start it with --av PATH:LAMBDA)'}",
+                                   f"{', '.join(base.adapter_names) or 'none (start it with --av PATH:SCALE)'}",
                                    param="av_scales", code="invalid_value")
                 if not math.isfinite(value):
                     raise ApiError(400, f"av_scales[{name!r}] must be finite", param="av_scales",
@@ -200,6 +207,12 @@ def create_app(server: Server):
     async def http_error(request, e: HTTPException):
         kind = "not_found" if e.status_code == 404 else "method_not_allowed" if e.status_code == 405 else None
         return JSONResponse(ApiError(e.status_code, str(e.detail), code=kind).body(), status_code=e.status_code)
+
+    @app.exception_handler(ClientDisconnect)
+    async def client_gone(request, e: ClientDisconnect):
+        # the client left while sending its body: nobody reads this answer, and nothing failed
+        return JSONResponse(ApiError(400, "the client disconnected before its request arrived",
+                                     code="client_disconnected").body(), status_code=400)
 
     @app.exception_handler(Exception)
     async def internal_error(request, e: Exception):

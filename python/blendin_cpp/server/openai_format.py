@@ -6,6 +6,7 @@ import uuid
 
 from ..blender import Step
 from ..options import json_safe
+from ..text import utf8_boundary
 
 FINISH = {"stop": "stop", "length": "length", "context": "length"}
 
@@ -90,19 +91,25 @@ class CompletionFormat(_Format):
 
     def __init__(self, server, logprobs: int | None):
         super().__init__(server, logprobs)
-        self.offset = 0  # text_offset of the next token
+        # text_offset counts characters of the answer: the characters the tokens' bytes so far
+        # complete (a token may hold part of a character; its offset is that character's)
+        self.chars = 0
+        self.pending = b""  # the bytes of a character not complete yet
 
     def _logprobs(self, steps: list[Step]) -> dict | None:
         if self.logprobs is None:
             return None
         out = {"tokens": [], "token_logprobs": [], "top_logprobs": [], "text_offset": []}
         for s in self._counted(steps):
-            text, _ = self._token(s.token)
+            text, raw = self._token(s.token)
             out["tokens"].append(text)
             out["token_logprobs"].append(s.logprob)
             out["top_logprobs"].append({self._token(t)[0]: lp for t, lp in s.top_logprobs})
-            out["text_offset"].append(self.offset)
-            self.offset += len(text)
+            out["text_offset"].append(self.chars)
+            data = self.pending + bytes(raw)
+            cut = utf8_boundary(data)
+            self.chars += len(data[:cut].decode("utf-8", errors="replace"))
+            self.pending = data[cut:]
         return out
 
     def whole(self, steps: list[Step], stats: dict, used: dict) -> dict:

@@ -75,7 +75,7 @@ class _Request(BaseModel):
     max_intervention_rate: Optional[float] = core_field("max_intervention_rate")
     top_k: Optional[int] = core_field("top_k")
     min_p: Optional[float] = core_field("min_p")
-    # Alignment Vector lambdas by name (the --av files' stems); the others keep their start-up value
+    # Alignment Vector scales by name (the --av files' stems); the others keep their start-up value
     av_scales: Optional[dict[str, float]] = None
 
 

@@ -77,7 +77,7 @@ class Slot:
         return Run(self, steps)
 
     def start(self, prompt, kwargs: dict):
-        """Worker thread: set the request's Alignment Vector lambdas, then start its generation
+        """Worker thread: set the request's Alignment Vector scales, then start its generation
         (a change of scales empties the base's KV cache: it was computed with the old weights)."""
         kwargs = dict(kwargs)
         scales = kwargs.pop("av_scales", None)
