@@ -11,8 +11,8 @@ load_libllama()
 
 from ._core import BlendError, set_verbose  # noqa: E402
 from .model import Model  # noqa: E402
-from .blender import METHODS, Blender, Completion, Step  # noqa: E402
+from .blender import METHODS, Blender, Completion, Score, Step  # noqa: E402
 from .chat_template import base_transcript  # noqa: E402
 
 __version__ = "0.1.0"
-__all__ = ["Model", "Blender", "Step", "Completion", "METHODS", "BlendError", "base_transcript", "set_verbose"]
+__all__ = ["Model", "Blender", "Step", "Completion", "Score", "METHODS", "BlendError", "base_transcript", "set_verbose"]
