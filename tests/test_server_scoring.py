@@ -330,3 +330,34 @@ def test_echo_with_a_bridged_guide_equals_blender_score():
     want = blender.score(ids[:1], ids[1:], template=False, method="ensemble")
     np.testing.assert_allclose(lp["token_logprobs"][1:len(ids)], want.logprobs, atol=1e-4, rtol=0)
     assert set(want.sources) == {"blend"}
+
+
+# ---- the example tasks (examples/lm_eval) -----------------------------------------------------------
+def test_example_multiple_choice_items():
+    """utils.multiple_choice on the dev questions (a stand-in for datasets.Dataset.map): four
+    distinct choices, the expected answer at the label, the others the same sentence with another
+    value of the same kind."""
+    import importlib.util
+    from pathlib import Path
+    root = Path(__file__).resolve().parents[1] / "examples" / "lm_eval"
+    spec = importlib.util.spec_from_file_location("lm_eval_demo_utils", root / "utils.py")
+    utils = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(utils)
+
+    class Rows(list):
+        def map(self, fn, with_indices):
+            return [dict(d, **fn(d, i)) for i, d in enumerate(self)]
+    rows = Rows(json.loads(line) for line in open(demo.demo_dir() / "dev.jsonl", encoding="utf-8"))
+    items = utils.multiple_choice(rows)
+    assert len(items) == 150 and {d["label"] for d in items} == {0, 1, 2, 3}
+    values = {d["kind"]: set() for d in rows}
+    for d in rows:
+        values[d["kind"]].add(d["value"])
+    for d in items:
+        assert len(set(d["choices"])) == 4 and d["choices"][d["label"]] == d["answer"]
+        for i, c in enumerate(d["choices"]):
+            if i != d["label"]:
+                other = c[len(d["answer"].split(d["value"])[0]):].rstrip(".")
+                assert other in values[d["kind"]] and other != d["value"]
+    for task in ("demo_mc.yaml", "demo_gen.yaml"):
+        assert "test: models/demo/dev.jsonl" in (root / task).read_text()
