@@ -30,7 +30,8 @@ class PromptTokens(NamedTuple):
 class Score:
     """What `Blender.score` returns: for each token of the continuation, its log-probability
     under the policy (temperature 1), where it came from (`base`, `blend`, `guide`) and the
-    policy's Step (pb_max, alpha, top_logprobs, ...)."""
+    policy's Step (pb_max, alpha, top_logprobs, ...; a scored step releases no `text`: the tokens
+    are given)."""
     tokens: list[int]
     logprobs: list[float]
     sources: list[str]
