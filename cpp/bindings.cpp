@@ -358,6 +358,11 @@ NB_MODULE(_core, m) {
                  }
                  return more ? nb::cast(std::move(s)) : nb::none();
              })
+        .def("score", [](Engine& self, const std::vector<Token>& base_prompt, const std::vector<Token>& guide_prompt,
+                         const std::vector<Token>& continuation, const GenParams& params) {
+                 return self.score(base_prompt, guide_prompt, continuation, params);
+             }, "base_prompt"_a, "guide_prompt"_a, "continuation"_a, "params"_a, nb::call_guard<nb::gil_scoped_release>(),
+             "Teacher forcing: the policy's Step for each token of the continuation (logprob at temperature 1).")
         .def("stats", &Engine::stats)
         .def("reset", &Engine::reset, nb::call_guard<nb::gil_scoped_release>())
         .def_prop_ro("bridged", &Engine::bridged)

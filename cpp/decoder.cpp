@@ -50,7 +50,12 @@ const std::vector<float>& Decoder::without_eog(const std::vector<float>& p) {
     return no_eog_;
 }
 
+Token Decoder::pick(const std::vector<float>& p) {
+    return forced_ >= 0 ? forced_ : sampler_.pick(p.data(), static_cast<int>(p.size()));
+}
+
 void Decoder::finalize(Token t, const std::vector<float>& p, Step& out) {
+    forced_ = -1;
     out = Step{};
     out.token = t;
     out.info = info_;
@@ -73,7 +78,7 @@ bool Decoder::continue_word(const float* lg, float unmatched) {
     guide_read_ = true;
     const auto& p = without_eog(policy_.combine(true, nullptr, info_));
     info_.unmatched = unmatched;
-    const Token t = sampler_.pick(p.data(), static_cast<int>(p.size()));
+    const Token t = pick(p);
     if (!facts_.starts_word[t]) {
         finalize(t, p, step_);
         return true;
@@ -95,7 +100,7 @@ void Decoder::decide(const float* lg, const float* la, float unmatched) {
     BLENDIN_CHECK(!consult_ || guide_read_);
     const auto& p = without_eog(policy_.combine(consult_, la, info_));
     if (consult_) info_.unmatched = unmatched;
-    const Token t = sampler_.pick(p.data(), static_cast<int>(p.size()));
+    const Token t = pick(p);
     in_word_ = params_.policy.method == Method::NudgingWord && info_.intervened;
     finalize(t, p, step_);
 }
@@ -128,8 +133,7 @@ bool Decoder::verify(const float* lg, const float* la, Token draft, const float*
     return accept;
 }
 
-bool Decoder::emit(Step& step, bool room) {
-    const StepInfo& info = step.info;
+void Decoder::count(const StepInfo& info) {
     ++tokens_;
     if (info.intervened) ++interventions_;
     if (info.capped) ++capped_;
@@ -137,6 +141,15 @@ bool Decoder::emit(Step& step, bool room) {
         alpha_sum_ += info.alpha;
         ++n_alpha_;
     }
+}
+
+void Decoder::follow(const Step& step) {
+    count(step.info);
+    text_ += facts_.base->text_piece(step.token);  // nothing for an end token
+}
+
+bool Decoder::emit(Step& step, bool room) {
+    count(step.info);
     if (facts_.eog[step.token]) {
         finish("stop", step);
         return true;

@@ -93,6 +93,10 @@ const float* Engine::guide_logits() {
     Track& g = tracks_[kGuide];
     if (!bridged()) return g.logits();
     const std::vector<Token>& read = retokenizer_->tokens(decoder_->text(), decoder_->readable_text());
+    if (guide_prompt_.size() + read.size() > static_cast<size_t>(g.model->n_ctx()))  // decoding checks room() first
+        throw ValueError("the guide reads the text as " + std::to_string(read.size()) + " tokens after its " +
+                         std::to_string(guide_prompt_.size()) + "-token prompt, which do not fit its context of " +
+                         std::to_string(g.model->n_ctx()) + " tokens (raise n_ctx)");
     g.target.resize(guide_prompt_.size());
     g.target.insert(g.target.end(), read.begin(), read.end());
     softmax(g.logits(), g.model->n_vocab(), guide_p_.data());
@@ -114,9 +118,8 @@ void Engine::reset() {
     queue_.clear();
 }
 
-void Engine::start(const std::vector<Token>& base_prompt, const std::vector<Token>& guide_prompt, const GenParams& p) {
+void Engine::check(const std::vector<Token>& base_prompt, const std::vector<Token>& guide_prompt, const GenParams& p) {
     Model* models[kRoles] = {tracks_[kBase].model, tracks_[kGuide].model, tracks_[kAnti].model};
-    Holding hold(lease_, models);
     validate(p);
     const Method m = p.policy.method;
     const bool use[kRoles] = {uses_base(m), uses_guide(m), uses_anti(m)};
@@ -139,6 +142,15 @@ void Engine::start(const std::vector<Token>& base_prompt, const std::vector<Toke
         throw ValueError(std::string("method '") + method_name(m) +
                          "' combines logits token by token and needs a guide that shares the base's vocabulary: " +
                          bridge_->first_difference());
+}
+
+void Engine::start(const std::vector<Token>& base_prompt, const std::vector<Token>& guide_prompt, const GenParams& p) {
+    Model* models[kRoles] = {tracks_[kBase].model, tracks_[kGuide].model, tracks_[kAnti].model};
+    Holding hold(lease_, models);
+    check(base_prompt, guide_prompt, p);
+    const Method m = p.policy.method;
+    const bool use[kRoles] = {uses_base(m), uses_guide(m), uses_anti(m)};
+    const std::vector<Token>* prompts[kRoles] = {&base_prompt, &guide_prompt, &guide_prompt};
     guide_prompt_ = guide_prompt;
     if (retokenizer_) retokenizer_->reset();
     queue_.clear();
@@ -199,6 +211,102 @@ bool Engine::step(Step& out) {
     out = std::move(queue_.front());
     queue_.pop_front();
     return true;
+}
+
+// ---- scoring (teacher forcing) ----
+namespace {
+// How many logits rows one model keeps at a time while scoring (64 MB of floats per model).
+constexpr size_t kScoreFloats = size_t(1) << 24;
+}  // namespace
+
+void Engine::read_rows(int role, const std::vector<Token>& prompt, const std::vector<Token>& cont, size_t a, size_t b,
+                       std::vector<float>& rows) {
+    Model& m = *tracks_[role].model;
+    // the row for position i comes from reading token i of prompt + continuation[:i], counted from the prompt's last
+    std::vector<Token> seq(prompt);
+    seq.insert(seq.end(), cont.begin(), cont.begin() + (b - 1));
+    const size_t first = prompt.size() - 1 + a;  // the sequence must hold seq[:first] before this batch
+    const std::vector<Token>& have = m.tokens(0);
+    const size_t common = std::min(common_prefix(have, seq), first);
+    m.truncate(0, static_cast<int>(common));
+    m.extend(0, seq.data() + common, first - common, false);
+    std::vector<BatchItem> items;
+    for (size_t k = first; k < seq.size(); ++k) items.push_back({seq[k], 0, true});
+    const size_t nv = m.n_vocab();
+    rows.resize((b - a) * nv);
+    m.decode_all(items, [&](size_t i, const float* row) { std::copy(row, row + nv, rows.begin() + i * nv); });
+}
+
+std::vector<Step> Engine::score(const std::vector<Token>& base_prompt, const std::vector<Token>& guide_prompt,
+                                const std::vector<Token>& cont, const GenParams& params) {
+    Model* models[kRoles] = {tracks_[kBase].model, tracks_[kGuide].model, tracks_[kAnti].model};
+    Holding hold(lease_, models);
+    check(base_prompt, guide_prompt, params);
+    tracks_[kBase].model->check_tokens(cont);
+    GenParams p = params;
+    p.ignore_eos = false;  // every token of the continuation keeps the probability the policy gives it
+    const Method m = p.policy.method;
+    const bool use[kRoles] = {uses_base(m), uses_guide(m), uses_anti(m)};
+    const std::vector<Token>* prompts[kRoles] = {&base_prompt, &guide_prompt, &guide_prompt};
+    const bool batched[kRoles] = {use[kBase], use[kGuide] && !bridged(), use[kAnti]};
+    for (int r = 0; r < kRoles && !cont.empty(); ++r)  // the last token is scored, not read
+        if (batched[r] && prompts[r]->size() + cont.size() - 1 > static_cast<size_t>(models[r]->n_ctx()))
+            throw ValueError(std::string("the ") + kRoleNames[r] + " prompt (" + std::to_string(prompts[r]->size()) +
+                             " tokens) and the continuation (" + std::to_string(cont.size()) +
+                             " tokens) do not fit its context of " + std::to_string(models[r]->n_ctx()) +
+                             " tokens (raise n_ctx)");
+    active_ = false;  // a generation in progress ends here
+    queue_.clear();
+    guide_prompt_ = guide_prompt;
+    if (retokenizer_) retokenizer_->reset();
+    decoder_ = std::make_unique<Decoder>(p, *facts_, p.sampling.seed, bridged());
+    t_start_ = std::chrono::steady_clock::now();
+    for (int r = 0; r < kRoles; ++r) {
+        Track& tr = tracks_[r];
+        if (!tr.model) continue;
+        tr.calls0 = tr.model->decode_calls();
+        tr.tokens0 = tr.model->decoded_tokens();
+        tr.target.clear();
+        tr.reused = tr.prompt = 0;
+        if (!use[r]) continue;
+        tr.target = *prompts[r];
+        tr.prompt = static_cast<long>(tr.target.size());
+        tr.reused = static_cast<long>(std::min(common_prefix(tr.model->tokens(0), tr.target), tr.target.size() - 1));
+        for (int s = 1; s < tr.model->n_seq_max(); ++s) tr.model->truncate(s, 0);  // free best-of-N's cells
+    }
+    t_first_ = t_start_;
+
+    Decoder& d = *decoder_;
+    std::vector<Step> out;
+    out.reserve(cont.size());
+    std::vector<float> rows[kRoles];
+    const size_t chunk = std::max<size_t>(1, kScoreFloats / static_cast<size_t>(n_vocab_));
+    for (size_t a = 0; a < cont.size(); a += chunk) {
+        const size_t b = std::min(cont.size(), a + chunk);
+        for (int r = 0; r < kRoles; ++r)
+            if (batched[r]) read_rows(r, *prompts[r], cont, a, b, rows[r]);
+        for (size_t i = a; i < b; ++i) {
+            auto row = [&](int r) { return rows[r].data() + (i - a) * models[r]->n_vocab(); };
+            auto guide_row = [&]() { return bridged() ? guide_logits() : row(kGuide); };
+            d.force(cont[i]);
+            bool decided = false;
+            if (d.in_word()) decided = d.continue_word(guide_row(), unmatched());
+            if (!decided) {
+                const bool consult = d.gate(use[kBase] ? row(kBase) : nullptr);
+                const float* lg = consult && use[kGuide] && !d.guide_read() ? guide_row() : nullptr;
+                d.decide(lg, consult && use[kAnti] ? row(kAnti) : nullptr, unmatched());
+            }
+            d.follow(d.decided());
+            out.push_back(std::move(d.decided()));
+        }
+    }
+    for (int r = 0; r < kRoles; ++r)
+        if (batched[r]) {
+            tracks_[r].target = *prompts[r];
+            tracks_[r].target.insert(tracks_[r].target.end(), cont.begin(), cont.end());
+        }
+    t_end_ = std::chrono::steady_clock::now();
+    return out;
 }
 
 // One token the plain way: a nudged word goes on, or the gate on the base consults the (lazy)

@@ -41,6 +41,14 @@ public:
     void start(const std::vector<Token>& base_prompt, const std::vector<Token>& guide_prompt, const GenParams& params);
     // One token. Returns false once the generation has finished (nothing was written to `out`).
     bool step(Step& out);
+    // Teacher forcing: the policy's step for each token of `continuation` (base vocabulary) after the
+    // prompts, as decoding would compute it at temperature 1 (gate, cap, nudged words, the
+    // bridged guide reading the text), with `logprob` the log-probability of the given token.
+    // Both models' logits come from batched passes over prompt + continuation (a guide with its
+    // own vocabulary re-reads the text where it is consulted, as in decoding). Ends any generation
+    // in progress; stats() then describes the scored tokens.
+    std::vector<Step> score(const std::vector<Token>& base_prompt, const std::vector<Token>& guide_prompt,
+                            const std::vector<Token>& continuation, const GenParams& params);
     Stats stats() const;
     void reset();  // empty the models' KV caches
     int n_vocab() const { return n_vocab_; }
@@ -63,6 +71,12 @@ private:
     };
 
     bool used(int role) const;
+    // The checks start and score share: the parameters, each used model's prompt, the methods a
+    // bridged guide cannot serve.
+    void check(const std::vector<Token>& base_prompt, const std::vector<Token>& guide_prompt, const GenParams& p);
+    // Scoring: the logits after prompt + continuation[:i] for i in [a, b), as rows of `rows`.
+    void read_rows(int role, const std::vector<Token>& prompt, const std::vector<Token>& continuation, size_t a,
+                   size_t b, std::vector<float>& rows);
     bool can_speculate() const;
     void plain_step();
     int draft_length();

@@ -56,6 +56,33 @@ def softmax(x):
     return e / e.sum()
 
 
+def reference_policy(method, lb, pg, la=None, *, lg=None, gamma=GAMMA, alpha="auto", beta=1.0, lam=0.5,
+                     consult=True):
+    """docs/design.md section 3 at one position, outside a nudged word: the final distribution and
+    its source, from the base's logits `lb` (None for the guide alone), the guide's distribution
+    `pg` (its logits `lg` where proxy and DeRa need them) and the anti's logits `la` (proxy).
+    `consult=False`: the gate may not ask the guide here (the intervention cap; a cross-vocabulary
+    guide while the text ends inside a character)."""
+    if method == "guide":
+        return pg, "guide"
+    pb = softmax(lb)
+    gate = pb.max() < gamma and consult
+    if method in ("nudging", "nudging_word") and gate:
+        return pg, "guide"
+    if method == "blendin" and gate:
+        a = alpha
+        if a == "auto":
+            a = float(np.clip(pg.max() / (pb.max() + pg.max()) + 0.1 * pb[np.argmax(pg)], 0, 1))
+        return (1 - a) * pb + a * pg, "blend"
+    if method == "ensemble":
+        return (pb + pg) / 2, "blend"
+    if method == "proxy":
+        return softmax(lb + beta * (lg - la)), "blend"
+    if method == "dera":
+        return softmax((1 - lam) * lb + lam * lg), "blend"
+    return pb, "base"
+
+
 def check_against_reference(paths, base_prompt, guide_prompt, method, steps, *, gamma=GAMMA, alpha="auto",
                             beta=1.0, lam=0.5):
     """Replay our greedy run through the formulas of docs/design.md section 3, step by step on our own
@@ -74,26 +101,11 @@ def check_against_reference(paths, base_prompt, guide_prompt, method, steps, *, 
     for i, step in enumerate(steps):
         lb, lg = base.logits(), guide.logits()
         pb, pg = softmax(lb), softmax(lg)
-        source = "base"
         if in_word and not starts_word[int(np.argmax(pg))]:
             p, source = pg, "guide"
         else:
-            p = pb
-            if method == "guide":
-                p, source = pg, "guide"
-            elif method in ("nudging", "nudging_word") and pb.max() < gamma:
-                p, source = pg, "guide"
-            elif method == "blendin" and pb.max() < gamma:
-                a = alpha
-                if a == "auto":
-                    a = float(np.clip(pg.max() / (pb.max() + pg.max()) + 0.1 * pb[np.argmax(pg)], 0, 1))
-                p, source = (1 - a) * pb + a * pg, "blend"
-            elif method == "ensemble":
-                p, source = (pb + pg) / 2, "blend"
-            elif method == "proxy":
-                p, source = softmax(lb + beta * (lg - anti.logits())), "blend"
-            elif method == "dera":
-                p, source = softmax((1 - lam) * lb + lam * lg), "blend"
+            p, source = reference_policy(method, lb, pg, anti.logits() if anti else None, lg=lg, gamma=gamma,
+                                         alpha=alpha, beta=beta, lam=lam)
         in_word = method == "nudging_word" and source == "guide"
         if step.source != source:
             assert abs(pb.max() - gamma) < 1e-4, f"{method} step {i}: source {step.source}, reference {source}"

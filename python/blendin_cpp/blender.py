@@ -6,6 +6,8 @@ from contextlib import contextmanager
 from dataclasses import dataclass, field
 from typing import Iterator, NamedTuple, Sequence
 
+import numpy as np
+
 from . import _core
 from ._core import BlendError
 from .chat_template import base_transcript, check_messages
@@ -29,6 +31,24 @@ class PromptTokens(NamedTuple):
 
 
 @dataclass
+class Score:
+    """What `Blender.score` returns: for each token of the continuation, its log-probability
+    under the policy (temperature 1), where it came from (`base`, `blend`, `guide`) and the
+    policy's Step (pb_max, alpha, top_logprobs, ...; a scored step releases no `text`: the tokens
+    are given)."""
+    tokens: list[int]
+    logprobs: list[float]
+    sources: list[str]
+    steps: list[Step]
+    stats: dict = field(default_factory=dict)
+
+    @property
+    def logprob(self) -> float:
+        """The log-likelihood of the whole continuation (the sum)."""
+        return float(sum(self.logprobs))
+
+
+@dataclass
 class Completion:
     text: str
     tokens: list[int]
@@ -38,6 +58,12 @@ class Completion:
     @property
     def finish_reason(self) -> str | None:
         return self.stats.get("finish_reason")
+
+
+def _is_token_list(x) -> bool:
+    """A list (or tuple) of integers: token ids, not a chat."""
+    return isinstance(x, (list, tuple)) and len(x) > 0 and all(
+        isinstance(t, (int, np.integer)) and not isinstance(t, bool) for t in x)
 
 
 def _number(name: str, value) -> float:
@@ -118,29 +144,42 @@ class Blender:
         self.defaults = merged
 
     # --- prompts ------------------------------------------------------------------------------
-    def prompts(self, prompt: str | Sequence[dict], guide_prompt: str | Sequence[dict] | None = None) -> PromptTokens:
+    def prompts(self, prompt: str | Sequence[dict] | Sequence[int], guide_prompt: str | Sequence[dict] | None = None,
+                *, template: bool = True) -> PromptTokens:
         """Token ids for the base and the guide. A string prompt goes to the base as it is and to
         the guide through its chat template as one user message; a list of chat messages goes to
         the base as a plain transcript (`base_transcript`) and to the guide through its
         template (`Model.chat_tokens`: the template's markers are control tokens, the messages'
-        text is text). A guide without a template reads the base's text. `guide_prompt`
-        overrides the guide's prompt: chat messages, or its exact text (whose control-token text
-        is parsed: for a caller who wrote the markers). A prompt that cannot fit a model's
-        context raises ContextLengthError before it is tokenized."""
+        text is text); a list of base token ids goes to the base as given and to the guide as its
+        text. A guide without a template reads the base's text. `guide_prompt` overrides the
+        guide's prompt: chat messages, or its exact text (whose control-token text is parsed: for
+        a caller who wrote the markers). `template=False`: the guide reads the prompt as plain
+        text, as the base does (no chat template): the base's very tokens on a shared vocabulary,
+        else the text through its own tokenizer (the view of `score(..., template=False)` and of
+        the server's echo). A prompt that cannot fit a model's context raises ContextLengthError
+        before it is tokenized."""
         if isinstance(prompt, PromptTokens):
             return prompt
+        base_tokens = None
         if isinstance(prompt, str):
             check_text("the prompt", prompt)
             if not prompt.strip():
                 raise ValueError("the prompt is empty")
             base_text, messages = prompt, [{"role": "user", "content": prompt}]
+        elif _is_token_list(prompt):
+            base_tokens = self._base_tokens(prompt, "prompt")
+            base_text = self.base.detokenize(base_tokens)
+            messages = [{"role": "user", "content": base_text}]
         else:
             messages = check_messages(prompt)
             base_text = base_transcript(messages)
-        self.base.check_fits(base_text, "the base's prompt")
-        base_tokens = self.base.tokenize(base_text, add_special=True, special=False)
+        if base_tokens is None:
+            self.base.check_fits(base_text, "the base's prompt")
+            base_tokens = self.base.tokenize(base_text, add_special=True, special=False)
         guide_tokens: list[int] = []
         guide = self.guide
+        if guide is not None and not template and guide_prompt is None:
+            return PromptTokens(base_tokens, self._plain_guide_tokens(base_tokens, base_text))
         if guide is not None:
             if guide_prompt is None and guide.chat_template:
                 guide_prompt = messages
@@ -159,6 +198,57 @@ class Blender:
             if guide._handle.add_bos and bos >= 0 and (not guide_tokens or guide_tokens[0] != bos):
                 guide_tokens.insert(0, bos)
         return PromptTokens(base_tokens, guide_tokens)
+
+    def _base_tokens(self, tokens, what: str) -> list[int]:
+        ids = [int(t) for t in tokens]
+        if not ids:
+            raise ValueError(f"the {what} is empty")
+        n = self.base.n_vocab
+        for t in ids:
+            if not 0 <= t < n:
+                raise ValueError(f"the {what} has token {t}, outside the base's vocabulary of {n} tokens")
+        return ids
+
+    def _plain_guide_tokens(self, base_tokens: list[int], text: str) -> list[int]:
+        """The guide reading a prompt as plain text: the same tokens on a shared vocabulary; else
+        the text through its tokenizer (with the start token it adds), or its BOS (else its end
+        token, which such models read between documents) when that leaves nothing to read."""
+        if not self._engine.bridged:
+            return list(base_tokens)
+        tokens = self.guide.tokenize(text, add_special=True, special=False)
+        if not tokens:
+            special = self.guide.special_tokens
+            tokens = [special["bos"] if special["bos"] >= 0 else special["eos"]]
+        return tokens
+
+    # --- scoring ------------------------------------------------------------------------------
+    def score(self, prompt: str | Sequence[dict] | Sequence[int] | PromptTokens, continuation: str | Sequence[int],
+              guide_prompt: str | None = None, *, template: bool = True, top_logprobs: int = 0,
+              **settings) -> Score:
+        """The policy's log-likelihood of `continuation` after `prompt`, token by token (teacher
+        forcing): at each position the distribution the method's decoding computes there at
+        temperature 1 (the gate, alpha, the mixture, proxy, DeRa; inside a word nudging_word
+        started, the guide's probability of going on, as its decoding sees it), from both models'
+        logits read in batched passes. The prompt is read as `generate` reads it (`template=False`:
+        both models read it as plain text, as the server's echo does). A string continuation is
+        tokenized on its own (no start token); pass base token ids to choose the split.
+        `settings` override the blender's defaults (method=, gamma=, ...)."""
+        if isinstance(continuation, str):
+            cont = self.base.tokenize(continuation, add_special=False, special=False)
+            if not cont:
+                raise ValueError("the continuation is empty")
+        elif _is_token_list(continuation):
+            cont = self._base_tokens(continuation, "continuation")
+        else:
+            raise TypeError("continuation must be a string or a list of base token ids")
+        params = self.gen_params(top_logprobs=top_logprobs, settings={**self.defaults, **settings})
+        base_tokens, guide_tokens = self.prompts(prompt, guide_prompt, template=template)
+        self._current = None  # a generation in progress ends here
+        steps = self._engine.score(base_tokens, guide_tokens, cont, params)
+        stats = self._engine.stats().as_dict()
+        self.last_stats = stats
+        return Score(tokens=[s.token for s in steps], logprobs=[s.logprob for s in steps],
+                     sources=[s.source for s in steps], steps=steps, stats=stats)
 
     # --- generation ---------------------------------------------------------------------------
     def generate(self, prompt: str | Sequence[dict] | PromptTokens, guide_prompt: str | Sequence[dict] | None = None, *,

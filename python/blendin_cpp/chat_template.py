@@ -150,3 +150,14 @@ def base_transcript(messages: Sequence[dict]) -> str:
         else:
             parts.append(f" {m['content'].strip()}\n")
     return "".join(parts)
+
+
+# base_transcript as a chat template, for clients that render prompts themselves (the server's
+# /tokenizer_info): rendered with add_generation_prompt it gives base_transcript's text.
+BASE_TRANSCRIPT_TEMPLATE = (
+    "{% for m in messages %}"
+    "{% if m['role'] == 'system' %}{{ m['content'] | trim }}{{ '\\n\\n' }}"
+    "{% elif m['role'] == 'user' %}{{ 'Question: ' + m['content'] | trim + '\\nAnswer:' }}"
+    "{% else %}{{ ' ' + m['content'] | trim + '\\n' }}{% endif %}"
+    "{% endfor %}"
+)

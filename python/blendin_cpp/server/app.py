@@ -18,8 +18,10 @@ from starlette.responses import JSONResponse, Response, StreamingResponse
 from ..blender import Blender, PromptTokens, Step
 from ..model import ContextLengthError
 from .openai_format import FINISH, ChatFormat, CompletionFormat, usage
-from .schemas import ApiError, ChatRequest, CompletionRequest, validation_error
+from .schemas import ApiError, ChatRequest, CompletionRequest, check_no_ops, validation_error
+from .scoring import complete_prompts, model_method, read_prompts
 from .slot import Run, Slot
+from .tokenizer import add_tokenizer_routes
 
 MAX_BODY_BYTES = 1 << 20
 
@@ -233,6 +235,8 @@ def create_app(server: Server):
     @app.post("/v1/chat/completions")
     async def chat_completions(request: Request):
         req = await server.parse(request, ChatRequest)
+        check_no_ops(req)
+        model_method(req)
         messages = [m.as_dict() for m in req.messages]
         top = (req.top_logprobs or 0) if req.logprobs else 0
         if req.top_logprobs and not req.logprobs:
@@ -247,16 +251,17 @@ def create_app(server: Server):
     @app.post("/v1/completions")
     async def completions(request: Request):
         req = await server.parse(request, CompletionRequest)
-        prompt = req.prompt
-        if isinstance(prompt, list):
-            if len(prompt) != 1:
-                raise ApiError(400, "prompt must be one string (batches are not supported)", param="prompt",
-                               code="invalid_value")
-            prompt = prompt[0]
+        check_no_ops(req)
+        model_method(req)
+        prompts = read_prompts(server, req)  # strings or token ids
+        if req.echo or len(prompts) > 1:
+            return await complete_prompts(server, request, req, prompts)
+        prompt = prompts[0][0]
         tokens, kwargs = await server.prepare(req, prompt, req.max_tokens, req.logprobs or 0, "prompt")
         fmt = CompletionFormat(server, req.logprobs)
         if req.n > 1 or req.best_of:
             return await server.candidates(req, tokens, kwargs, fmt)
         return await server.generate(request, req, tokens, kwargs, fmt)
 
+    add_tokenizer_routes(app, server)
     return app

@@ -96,6 +96,19 @@ class CompletionFormat(_Format):
         self.chars = 0
         self.pending = b""  # the bytes of a character not complete yet
 
+    # The legacy format lists every token the completion ended with, an end token included (as
+    # OpenAI and vLLM do): a one-token request whose token is the end token still gets its logprob.
+    def _counted(self, steps: list[Step]) -> list[Step]:
+        return list(steps)
+
+    def shows(self, step: Step) -> bool:
+        return bool(step.text) or self.logprobs is not None
+
+    def _token(self, token: int) -> tuple[str, list[int]]:
+        """A control token (an end token) by its own text ("</s>"), as it has none in the text."""
+        raw = self.server.blender.base.piece(token, special=True)
+        return raw.decode("utf-8", errors="replace"), list(raw)
+
     def _logprobs(self, steps: list[Step]) -> dict | None:
         if self.logprobs is None:
             return None

@@ -3,7 +3,7 @@ are the core's (`blendin_cpp.blender.RANGES`): the server repeats none of them."
 from __future__ import annotations
 
 import math
-from typing import Annotated, Literal, Optional, Union
+from typing import Annotated, Any, Literal, Optional, Union
 
 from pydantic import BaseModel, ConfigDict, Field, ValidationError
 
@@ -77,6 +77,12 @@ class _Request(BaseModel):
     min_p: Optional[float] = core_field("min_p")
     # Alignment Vector scales by name (the --av files' stems); the others keep their start-up value
     av_scales: Optional[dict[str, float]] = None
+    # Fields clients send with values that change nothing here: accepted with those values only
+    # (check_no_ops names the field otherwise). `metadata` labels a stored completion; nothing is stored.
+    logit_bias: Optional[dict[str, float]] = None
+    response_format: Optional[dict[str, Any]] = None
+    metadata: Optional[dict[str, str]] = None
+    store: Optional[bool] = None
 
 
 class TextPart(BaseModel):
@@ -101,14 +107,59 @@ class ChatRequest(_Request):
     max_completion_tokens: Optional[int] = core_field("max_tokens")
     logprobs: bool = False
     top_logprobs: Optional[int] = core_field("top_logprobs")
+    # no tools exist here, so these change nothing (see check_no_ops)
+    tool_choice: Union[str, dict[str, Any], None] = None
+    parallel_tool_calls: Optional[bool] = None
+
+
+TokenIds = list[Annotated[int, Field(ge=0)]]
 
 
 class CompletionRequest(_Request):
-    prompt: Union[str, list[str]]
+    # a string, token ids, or a list of either: one choice per prompt, in order
+    prompt: Union[str, TokenIds, list[str], list[TokenIds]]
     logprobs: Optional[int] = core_field("top_logprobs")
+    # echo: the prompt comes back before the completion, with its tokens' log-probabilities under the
+    # policy when logprobs is set (the first token's is null)
+    echo: bool = False
+    suffix: Optional[str] = None
 
 
-_FIELDS = {f.alias or name for m in (ChatRequest, CompletionRequest, Message, TextPart, StreamOptions)
+class TokenizeRequest(BaseModel):
+    """vLLM's POST /tokenize (the completion form)."""
+    model_config = _STRICT
+    model: Optional[str] = None
+    prompt: str
+    add_special_tokens: bool = True
+    return_token_strs: bool = False
+
+
+class DetokenizeRequest(BaseModel):
+    """vLLM's POST /detokenize."""
+    model_config = _STRICT
+    model: Optional[str] = None
+    tokens: TokenIds
+
+
+def check_no_ops(req) -> None:
+    """Fields that clients send with default values are accepted with the values that change nothing
+    here; any other value is an error naming the field (never silently ignored)."""
+    def refuse(name: str, why: str):
+        raise ApiError(400, f"{name}: {why}", param=name, code="unsupported_value")
+    if req.logit_bias:
+        refuse("logit_bias", "biasing tokens is not supported; send {} or leave it out")
+    if req.response_format is not None and req.response_format != {"type": "text"}:
+        refuse("response_format", 'only {"type": "text"} is supported (no JSON modes or schemas)')
+    if req.store:
+        refuse("store", "this server stores nothing; send false or leave it out")
+    if isinstance(req, ChatRequest) and req.tool_choice not in (None, "none", "auto"):
+        refuse("tool_choice", 'tools are not supported; send "none" or leave it out')
+    if isinstance(req, CompletionRequest) and req.suffix:
+        refuse("suffix", "completing before a suffix is not supported; send null or leave it out")
+
+
+_FIELDS = {f.alias or name for m in (ChatRequest, CompletionRequest, Message, TextPart, StreamOptions,
+                                     TokenizeRequest, DetokenizeRequest)
            for name, f in m.model_fields.items()}
 
 
@@ -128,6 +179,9 @@ def validation_error(e: ValidationError) -> ApiError:
     if kind == "extra_forbidden":
         name = ".".join(map(str, err["loc"]))
         return ApiError(400, f"unknown parameter {name!r}", param=name, code="unknown_parameter")
+    if loc[:1] == ["prompt"] and kind != "missing":
+        return ApiError(400, "invalid value for 'prompt': it must be a string, a list of token ids (integers >= 0), "
+                        "or a list of strings or of token-id lists", param=param, code="invalid_value")
     if kind == "missing":
         return ApiError(400, f"missing required parameter {param!r}", param=param, code="missing_required_parameter")
     return ApiError(400, f"invalid value for {param!r}: {err['msg']}", param=param, code="invalid_value")
