@@ -106,7 +106,6 @@ public:
                 }
                 out[c].text = d.text();
                 out[c].finish_reason = d.finish_reason();
-                out[c].steps = d.tokens();
                 out[c].interventions = d.interventions();
             }
             live = std::move(next);
@@ -148,6 +147,11 @@ std::vector<Candidate> generate_candidates(Model& base, Model* guide, Model* ant
                                            const std::vector<Token>& gp, const GenParams& params,
                                            const std::vector<uint64_t>& seeds) {
     if (seeds.empty()) throw ValueError("best-of-N needs at least one candidate");
+    // the models are this call's from the first prompt read to the last freed sequence: another
+    // thread's generation on them gets the busy error instead of truncating the candidates
+    Holding hold;
+    for (Model* m : {&base, guide, anti})
+        if (m) hold.add(m->lease(), m->name());
     validate(params);
     const Method m = params.policy.method;
     const bool use[kRoles] = {uses_base(m), uses_guide(m), uses_anti(m)};
@@ -193,6 +197,7 @@ std::vector<Candidate> generate_candidates(Model& base, Model* guide, Model* ant
 std::vector<double> score_continuations(Model& m, const std::vector<Token>& prompt,
                                         const std::vector<std::vector<Token>>& conts, bool normalize) {
     const int nv = m.n_vocab();
+    Lease::Scope hold(m.lease(), m.name());  // the whole scoring: no other thread truncates its sequences meanwhile
     if (prompt.empty()) throw ValueError("the scoring prompt is empty");
     m.check_tokens(prompt);
     const long room = m.n_ctx() - static_cast<long>(prompt.size());

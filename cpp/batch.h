@@ -18,7 +18,7 @@ struct Candidate {
     std::vector<Token> tokens;  // without the end token
     std::string text;
     std::string finish_reason;  // "stop", "length" or "context"
-    long steps = 0, interventions = 0;
+    long interventions = 0;
 };
 
 // Generate one candidate per seed with the policy and sampling of `params` (its seed is ignored).

@@ -1,5 +1,7 @@
 // The nanobind module: the only file that knows Python. Converts types and exceptions; every
-// call that decodes releases the GIL.
+// call that decodes releases the GIL. What Python reads of a Model's or an Engine's state is a
+// copy taken under its lease (Lease::Read): another thread's call on it meanwhile makes the read
+// raise the busy error, never return half-changed state.
 #include <nanobind/nanobind.h>
 #include <nanobind/ndarray.h>
 #include <nanobind/stl/map.h>
@@ -19,6 +21,7 @@
 #include "model.h"
 #include "rpc.h"
 #include "retokenizer.h"
+#include "sampler.h"
 
 namespace nb = nanobind;
 using namespace nb::literals;
@@ -49,6 +52,7 @@ nb::ndarray<nb::numpy, float, nb::ndim<2>> to_array(std::vector<float>&& v, size
 // Logits of every position of `tokens` in sequence 0, decoded from an empty sequence (a helper
 // for tests and research; the engine never copies logits like this).
 std::vector<float> all_logits(Model& m, const std::vector<Token>& tokens) {
+    blendin::Lease::Scope use(m.lease(), m.name());  // the truncate and the decodes, as one call
     m.check_tokens(tokens);
     if (tokens.empty()) throw blendin::ValueError("logits() needs at least one token");
     if (static_cast<int>(tokens.size()) > m.n_ctx())
@@ -70,6 +74,8 @@ void decode_at(Model& m, const std::vector<Token>& tokens, const std::vector<int
     if (pos.size() != n || seq.size() != n || want_logits.size() != n)
         throw blendin::ValueError("tokens, positions, sequences and logits flags must have the same length");
     std::vector<blendin::BatchItem> batch(n);
+    nb::gil_scoped_release release;
+    blendin::Lease::Scope use(m.lease(), m.name());  // the checks read what the decode extends
     std::vector<size_t> next(m.n_seq_max());
     for (int s = 0; s < m.n_seq_max(); ++s) next[s] = m.tokens(s).size();
     for (size_t i = 0; i < n; ++i) {
@@ -82,7 +88,6 @@ void decode_at(Model& m, const std::vector<Token>& tokens, const std::vector<int
         ++next[seq[i]];
         batch[i] = {tokens[i], seq[i], static_cast<bool>(want_logits[i])};
     }
-    nb::gil_scoped_release release;
     m.decode(batch);
 }
 
@@ -221,11 +226,19 @@ NB_MODULE(_core, m) {
              "token"_a, "special"_a)
         .def("meta", &Model::meta, "key"_a)
         .def("metadata", &Model::metadata)
-        .def("tokens", &Model::tokens, "seq"_a, "What a sequence of the KV cache holds.")
+        .def("tokens", [](const Model& self, int seq) {
+                 blendin::Lease::Read read(self.lease(), self.name());
+                 return self.tokens(seq);  // a copy
+             }, "seq"_a, "What a sequence of the KV cache holds.")
         .def("decode", &decode_at, "tokens"_a, "positions"_a, "sequences"_a, "logits"_a)
         .def("logits_row", [](const Model& self, int i) {
-                 const float* row = self.logits(i);
-                 return to_array(std::vector<float>(row, row + self.n_vocab()), 1, self.n_vocab());
+                 std::vector<float> copy;
+                 {
+                     blendin::Lease::Read read(self.lease(), self.name());
+                     const float* row = self.logits(i);
+                     copy.assign(row, row + self.n_vocab());
+                 }
+                 return to_array(std::move(copy), 1, self.n_vocab());
              }, "i"_a)
         .def("logits", [](Model& self, const std::vector<Token>& tokens) {
                  std::vector<float> v;
@@ -365,8 +378,34 @@ NB_MODULE(_core, m) {
              "Teacher forcing: the policy's Step for each token of the continuation (logprob at temperature 1).")
         .def("stats", &Engine::stats)
         .def("reset", &Engine::reset, nb::call_guard<nb::gil_scoped_release>())
+        .def("check", &Engine::check, "params"_a,
+             "Raise ValueError if the parameters cannot run on this engine's models (ranges, missing models, "
+             "what a guide with another vocabulary cannot do).")
+        .def("is_end", &Engine::is_end, "token"_a,
+             "Whether the token ends a generation: the base's end tokens and a same-vocabulary guide's.")
         .def_prop_ro("bridged", &Engine::bridged)
         .def("tokens", &Engine::tokens, "role"_a);
+
+    using FloatRow = nb::ndarray<const float, nb::ndim<1>, nb::c_contig, nb::device::cpu>;
+    nb::class_<blendin::Sampler>(m, "Sampler", "The sampler of a generation on its own (temperature, filters, draws).")
+        .def("__init__", [](blendin::Sampler* self, const GenParams& p) {
+                 blendin::validate(p);
+                 new (self) blendin::Sampler(p.sampling);
+             }, "params"_a)
+        .def("shape", [](blendin::Sampler& self, FloatRow p) {
+                 const auto& q = self.shape(p.data(), static_cast<int>(p.shape(0)));
+                 return to_array(std::vector<float>(q), 1, q.size());
+             }, "p"_a, "The distribution tokens are drawn from (shape (1, n)).")
+        .def("pick", [](blendin::Sampler& self, FloatRow p) {
+                 return self.pick(p.data(), static_cast<int>(p.shape(0)));
+             }, "p"_a)
+        .def("residual", [](blendin::Sampler& self, FloatRow p, std::optional<FloatRow> q, int draft) {
+                 const int n = static_cast<int>(p.shape(0));
+                 if ((q && static_cast<int>(q->shape(0)) != n) || draft < 0 || draft >= n)
+                     throw blendin::ValueError("residual needs p and q of one length and a draft inside it");
+                 return self.residual(p.data(), q ? q->data() : nullptr, draft, n);
+             }, "p"_a, "q"_a.none(), "draft"_a,
+             "A draw after a rejected draft: from norm(max(0, p - q)), or from p where that has no mass.");
 
     nb::class_<blendin::VocabBridge>(m, "VocabBridge")
         .def(nb::init<const Model&, const Model&>(), "base"_a, "guide"_a, nb::call_guard<nb::gil_scoped_release>())
@@ -389,7 +428,6 @@ NB_MODULE(_core, m) {
         .def_ro("tokens", &blendin::Candidate::tokens)
         .def_prop_ro("text", [](const blendin::Candidate& c) { return to_text(c.text); })
         .def_ro("finish_reason", &blendin::Candidate::finish_reason)
-        .def_ro("steps", &blendin::Candidate::steps)
         .def_ro("interventions", &blendin::Candidate::interventions);
 
     m.def("generate_candidates", &blendin::generate_candidates, "base"_a, "guide"_a.none(), "anti"_a.none(),

@@ -118,16 +118,7 @@ bool Decoder::verify(const float* lg, const float* la, Token draft, const float*
         target_ = sampler_.shape(p.data(), n);
         const float qd = q ? q[draft] : 1.0f;
         accept = sampler_.uniform() * qd < target_[draft];  // probability min(1, P(d) / Q(d))
-        if (!accept) {
-            if (q)
-                for (int i = 0; i < n; ++i) target_[i] = std::max(0.0f, target_[i] - q[i]);
-            else
-                target_[draft] = 0;  // Q is all on the draft
-            double sum = 0;
-            for (float x : target_) sum += x;
-            for (auto& x : target_) x = static_cast<float>(x / sum);
-            choice = sampler_.draw(target_.data(), n);
-        }
+        if (!accept) choice = sampler_.residual(target_.data(), q, draft, n);
     }
     finalize(choice, p, out);
     return accept;

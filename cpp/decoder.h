@@ -74,9 +74,9 @@ public:
     // logits where it consults them): the policy's decision from the models' logits. Greedy:
     // accepted iff the policy's argmax is the draft. Sampling (`q`: the distribution the draft
     // was drawn from; nullptr for a deterministic draft, Q = 1 at the draft): accept with
-    // probability min(1, P(d)/Q(d)), else draw from norm(max(0, P - Q)). Either way the emitted
-    // token follows the policy exactly. Returns whether the draft was accepted; `out` is the
-    // token to emit.
+    // probability min(1, P(d)/Q(d)), else draw from norm(max(0, P - Q)) (Sampler::residual).
+    // Either way the emitted token follows the policy exactly. Returns whether the draft was
+    // accepted; `out` is the token to emit.
     bool verify(const float* guide_logits, const float* anti_logits, Token draft, const float* q, Step& out);
     // The sampler, shared with a guide that drafts (its draws come from the same seeded stream).
     Sampler& sampler() { return sampler_; }

@@ -17,17 +17,16 @@ size_t common_prefix(const std::vector<Token>& a, const std::vector<Token>& b) {
     return std::mismatch(a.begin(), a.end(), b.begin(), b.end()).first - a.begin();
 }
 
-// This thread holds the engine and its models for one call: another thread gets an Error.
-class Holding {
-public:
-    Holding(Lease& engine, Model* const* models) {
-        scopes_.push_back(std::make_unique<Lease::Scope>(engine, "this Blender"));
-        for (int r = 0; r < kRoles; ++r)
-            if (models[r]) scopes_.push_back(std::make_unique<Lease::Scope>(models[r]->lease(), models[r]->name()));
-    }
+constexpr const char* kEngineName = "this Blender";
 
-private:
-    std::vector<std::unique_ptr<Lease::Scope>> scopes_;
+// This thread holds the engine and its models for one call: another thread gets an Error.
+class Hold : public Holding {
+public:
+    Hold(Lease& engine, Model* const* models) {
+        add(engine, kEngineName);
+        for (int r = 0; r < kRoles; ++r)
+            if (models[r]) add(models[r]->lease(), models[r]->name());
+    }
 };
 }  // namespace
 
@@ -106,30 +105,59 @@ const float* Engine::guide_logits() {
 
 std::vector<Token> Engine::tokens(int role) const {
     if (role < 0 || role >= kRoles) throw ValueError("role must be 0 (base), 1 (guide) or 2 (anti)");
+    Lease::Read read(lease_, kEngineName);
     return tracks_[role].target;
+}
+
+bool Engine::is_end(Token t) const {
+    if (t < 0 || t >= n_vocab_) tracks_[kBase].model->check_tokens({t});  // throws, naming the vocabulary
+    return facts_->eog[t];
+}
+
+void Engine::check(const GenParams& p) const {
+    validate(p);
+    const Method m = p.policy.method;
+    const bool use[kRoles] = {uses_base(m), uses_guide(m), uses_anti(m)};
+    for (int r = 0; r < kRoles; ++r)
+        if (use[r] && !tracks_[r].model)
+            throw ValueError(std::string("method '") + method_name(m) + "' needs a " + kRoleNames[r] + " model" +
+                             (r == kAnti ? " (the guide's untuned sibling, for proxy-tuning)" : ""));
+    if (!bridged()) return;
+    // A guide with another vocabulary gives probabilities mapped onto the base's tokens, after
+    // reading the text through its own tokenizer: it has no logits on the base's tokens to add
+    // or subtract, and it cannot write base tokens as drafts nor score drafted base tokens in a
+    // batch. The base alone (n-gram drafts) does not read it.
+    if (m == Method::Proxy || m == Method::DeRa)
+        throw ValueError(std::string("method '") + method_name(m) +
+                         "' combines logits token by token and needs a guide that shares the base's vocabulary: " +
+                         bridge_->first_difference());
+    if (p.speculative != Speculative::Off && (use[kGuide] || p.drafter == Drafter::Guide))
+        throw ValueError(std::string("speculative verification (method '") + method_name(m) + "', drafter '" +
+                         (p.drafter == Drafter::Guide ? "guide" : "ngram") +
+                         "') drafts base tokens and verifies them in batches, which a guide with another vocabulary "
+                         "cannot take part in (only method 'base' with drafter 'ngram' leaves the guide out); it "
+                         "needs a guide that shares the base's vocabulary: " +
+                         bridge_->first_difference());
 }
 
 void Engine::reset() {
     Model* models[kRoles] = {tracks_[kBase].model, tracks_[kGuide].model, tracks_[kAnti].model};
-    Holding hold(lease_, models);
+    Hold hold(lease_, models);
     for (auto& tr : tracks_)
         if (tr.model) tr.model->truncate(-1, 0);
     active_ = false;
     queue_.clear();
 }
 
-void Engine::check(const std::vector<Token>& base_prompt, const std::vector<Token>& guide_prompt, const GenParams& p) {
+void Engine::check_prompts(const std::vector<Token>& base_prompt, const std::vector<Token>& guide_prompt, const GenParams& p) {
     Model* models[kRoles] = {tracks_[kBase].model, tracks_[kGuide].model, tracks_[kAnti].model};
-    validate(p);
+    check(p);
     const Method m = p.policy.method;
     const bool use[kRoles] = {uses_base(m), uses_guide(m), uses_anti(m)};
     const std::vector<Token>* prompts[kRoles] = {&base_prompt, &guide_prompt, &guide_prompt};
     for (int r = 0; r < kRoles; ++r) {
         if (!use[r]) continue;
         Model* model = models[r];
-        if (!model)
-            throw ValueError(std::string("method '") + method_name(m) + "' needs a " + kRoleNames[r] + " model" +
-                             (r == kAnti ? " (the guide's untuned sibling, for proxy-tuning)" : ""));
         const auto& pr = *prompts[r];
         if (pr.empty()) throw ValueError(std::string("the ") + kRoleNames[r] + " prompt is empty");
         model->check_tokens(pr);
@@ -138,16 +166,12 @@ void Engine::check(const std::vector<Token>& base_prompt, const std::vector<Toke
                              " tokens, which leaves no room in its context of " + std::to_string(model->n_ctx()) +
                              " tokens (shorten the prompt or raise n_ctx)");
     }
-    if (bridged() && (m == Method::Proxy || m == Method::DeRa))
-        throw ValueError(std::string("method '") + method_name(m) +
-                         "' combines logits token by token and needs a guide that shares the base's vocabulary: " +
-                         bridge_->first_difference());
 }
 
 void Engine::start(const std::vector<Token>& base_prompt, const std::vector<Token>& guide_prompt, const GenParams& p) {
     Model* models[kRoles] = {tracks_[kBase].model, tracks_[kGuide].model, tracks_[kAnti].model};
-    Holding hold(lease_, models);
-    check(base_prompt, guide_prompt, p);
+    Hold hold(lease_, models);
+    check_prompts(base_prompt, guide_prompt, p);
     const Method m = p.policy.method;
     const bool use[kRoles] = {uses_base(m), uses_guide(m), uses_anti(m)};
     const std::vector<Token>* prompts[kRoles] = {&base_prompt, &guide_prompt, &guide_prompt};
@@ -192,7 +216,7 @@ void Engine::start(const std::vector<Token>& base_prompt, const std::vector<Toke
 
 bool Engine::step(Step& out) {
     Model* models[kRoles] = {tracks_[kBase].model, tracks_[kGuide].model, tracks_[kAnti].model};
-    Holding hold(lease_, models);
+    Hold hold(lease_, models);
     if (queue_.empty()) {
         if (!active_) return false;
         const int k = draft_length();
@@ -240,8 +264,8 @@ void Engine::read_rows(int role, const std::vector<Token>& prompt, const std::ve
 std::vector<Step> Engine::score(const std::vector<Token>& base_prompt, const std::vector<Token>& guide_prompt,
                                 const std::vector<Token>& cont, const GenParams& params) {
     Model* models[kRoles] = {tracks_[kBase].model, tracks_[kGuide].model, tracks_[kAnti].model};
-    Holding hold(lease_, models);
-    check(base_prompt, guide_prompt, params);
+    Hold hold(lease_, models);
+    check_prompts(base_prompt, guide_prompt, params);
     tracks_[kBase].model->check_tokens(cont);
     GenParams p = params;
     p.ignore_eos = false;  // every token of the continuation keeps the probability the policy gives it
@@ -363,7 +387,7 @@ bool Engine::emit(Step& s, bool in_kv) {
 
 bool Engine::can_speculate() const {
     const GenParams& p = decoder_->params();
-    if (p.speculative == Speculative::Off || !p.lazy || bridged()) return false;
+    if (p.speculative == Speculative::Off || !p.lazy || (bridged() && used(kGuide))) return false;  // see check()
     switch (p.policy.method) {
         case Method::Nudging: case Method::BlendIn: case Method::Ensemble: case Method::Proxy: case Method::DeRa:
             return true;
@@ -534,6 +558,7 @@ void Engine::speculate(int k) {
 }
 
 Stats Engine::stats() const {
+    Lease::Read read(lease_, kEngineName);
     Stats s;
     if (decoder_) {
         const Decoder& d = *decoder_;

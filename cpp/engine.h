@@ -36,8 +36,13 @@ public:
     // vocabulary goes through a VocabBridge; the anti must share the base's.
     Engine(Model* base, Model* guide, Model* anti);
 
-    // Validate the parameters and read both prompts (each model keeps the longest prefix its
-    // KV cache already holds).
+    // Throws ValueError if these parameters cannot run on this engine's models: out of range,
+    // a method whose model is missing, or what a guide with another vocabulary cannot do (be
+    // mixed in logit space, draft, be verified token by token). Blender checks its settings with
+    // it when they are set; start() checks every generation's.
+    void check(const GenParams& params) const;
+    // Check the parameters and read both prompts (each model keeps the longest prefix its KV
+    // cache already holds).
     void start(const std::vector<Token>& base_prompt, const std::vector<Token>& guide_prompt, const GenParams& params);
     // One token. Returns false once the generation has finished (nothing was written to `out`).
     bool step(Step& out);
@@ -49,11 +54,15 @@ public:
     // in progress; stats() then describes the scored tokens.
     std::vector<Step> score(const std::vector<Token>& base_prompt, const std::vector<Token>& guide_prompt,
                             const std::vector<Token>& continuation, const GenParams& params);
+    // A copy of the statistics (a read: see Lease::Read).
     Stats stats() const;
     void reset();  // empty the models' KV caches
     int n_vocab() const { return n_vocab_; }
     bool bridged() const { return bridge_ && !bridge_->identity(); }
-    // What a model has read or will read next (the engine's view of its sequence), for tests.
+    // Whether a token ends a generation: the one definition of an end token, used by every
+    // decoder of this engine's models (the base's end tokens, and a same-vocabulary guide's).
+    bool is_end(Token t) const;
+    // What a model has read or will read next (the engine's view of its sequence), a copy (a read).
     std::vector<Token> tokens(int role) const;
 
 private:
@@ -73,7 +82,7 @@ private:
     bool used(int role) const;
     // The checks start and score share: the parameters, each used model's prompt, the methods a
     // bridged guide cannot serve.
-    void check(const std::vector<Token>& base_prompt, const std::vector<Token>& guide_prompt, const GenParams& p);
+    void check_prompts(const std::vector<Token>& base_prompt, const std::vector<Token>& guide_prompt, const GenParams& p);
     // Scoring: the logits after prompt + continuation[:i] for i in [a, b), as rows of `rows`.
     void read_rows(int role, const std::vector<Token>& prompt, const std::vector<Token>& continuation, size_t a,
                    size_t b, std::vector<float>& rows);
@@ -118,7 +127,7 @@ private:
     std::vector<std::vector<float>> guide_rows_, draft_q_;
     std::vector<float> base_row0_, guide_row0_, anti_row0_;
     std::chrono::steady_clock::time_point t_start_, t_first_, t_end_;
-    Lease lease_;
+    mutable Lease lease_;
 };
 
 }  // namespace blendin

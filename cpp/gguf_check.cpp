@@ -3,12 +3,16 @@
 // key/value pairs, tensor infos, then aligned tensor data.
 #include "gguf_check.h"
 
+#include <algorithm>
 #include <cstdint>
 #include <cstdio>
+#include <deque>
 #include <filesystem>
 #include <map>
 #include <memory>
 #include <set>
+#include <string_view>
+#include <unordered_map>
 #include <vector>
 
 #include "error.h"
@@ -79,9 +83,28 @@ private:
 struct Value {
     uint32_t type = 0;
     std::string s;        // for strings
-    uint64_t u = 0;       // for integers
+    uint64_t u = 0;       // for integers (the raw bits, zero-extended)
     uint64_t n_items = 0; // for arrays
+    uint32_t item_type = 0;             // for arrays
+    std::vector<std::string> strings;   // the items of a string array that is kept (the vocabulary)
 };
+
+constexpr const char* kTokensKey = "tokenizer.ggml.tokens";
+
+bool is_integer(uint32_t t) {
+    return t == T_U8 || t == T_I8 || t == T_U16 || t == T_I16 || t == T_U32 || t == T_I32 || t == T_U64 || t == T_I64;
+}
+
+// An integer value as a signed number (the bits of a signed type are sign-extended).
+long long as_signed(const Value& v) {
+    switch (v.type) {
+        case T_I8: return static_cast<int8_t>(v.u);
+        case T_I16: return static_cast<int16_t>(v.u);
+        case T_I32: return static_cast<int32_t>(v.u);
+        case T_I64: return static_cast<int64_t>(v.u);
+        default: return v.u > static_cast<uint64_t>(INT64_MAX) ? INT64_MAX : static_cast<long long>(v.u);
+    }
+}
 
 Value read_value(Reader& r, uint32_t type, const std::string& key) {
     Value v;
@@ -90,9 +113,16 @@ Value read_value(Reader& r, uint32_t type, const std::string& key) {
         v.s = r.str(("the value of " + key).c_str());
     } else if (type == T_ARRAY) {
         uint32_t et = r.get<uint32_t>("an array header");
+        v.item_type = et;
         v.n_items = r.get<uint64_t>("an array header");
         if (et == T_STRING) {
+            const bool keep = key == kTokensKey;
+            if (keep) v.strings.reserve(std::min<uint64_t>(v.n_items, r.left() / 8));
             for (uint64_t i = 0; i < v.n_items; ++i) {
+                if (keep) {
+                    v.strings.push_back(r.str("a string array"));
+                    continue;
+                }
                 uint64_t n = r.get<uint64_t>("a string array");
                 r.skip(n, "a string array");
             }
@@ -167,7 +197,52 @@ GgufSummary check_gguf(const std::string& path) {
             required.push_back(a + k);
     for (auto& k : required) need(k);
     if (need("tokenizer.ggml.model").s == "gpt2") need("tokenizer.ggml.merges");
-    uint64_t n_vocab = need("tokenizer.ggml.tokens").n_items;
+
+    // llama.cpp asserts (aborting the process) on a layer count outside 1..LLAMA_MAX_LAYERS (512)
+    // and on more next-token-prediction layers than layers
+    constexpr long long kMaxLayers = 512;
+    const std::string blocks_key = a + ".block_count";
+    const Value& blocks = need(blocks_key);
+    if (!is_integer(blocks.type))
+        throw ValueError("'" + path + "': " + blocks_key + " must be an integer (the number of layers)");
+    const long long n_layer = as_signed(blocks);
+    if (n_layer < 1 || n_layer > kMaxLayers)
+        throw ValueError("'" + path + "': " + blocks_key + " = " + std::to_string(n_layer) +
+                         ", but llama.cpp supports 1.." + std::to_string(kMaxLayers) + " layers");
+    if (auto it = kv.find(a + ".nextn_predict_layers"); it != kv.end() && is_integer(it->second.type)) {
+        const long long nextn = as_signed(it->second);
+        if (nextn < 0 || nextn > n_layer)
+            throw ValueError("'" + path + "': " + a + ".nextn_predict_layers = " + std::to_string(nextn) +
+                             " must be in 0.." + std::to_string(n_layer) + " (" + blocks_key + ")");
+    }
+
+    // llama.cpp asserts that every token string is distinct. It reads each up to its first NUL
+    // byte and names an empty one "[EMPTY_<id>]": compare them as it will see them.
+    const Value& vocab = need(kTokensKey);
+    if (vocab.type != T_ARRAY || vocab.item_type != T_STRING)
+        throw ValueError("'" + path + "': " + kTokensKey + " must be an array of strings");
+    {
+        std::deque<std::string> empty_names;  // stable: the map holds views of them
+        std::unordered_map<std::string_view, size_t> seen;
+        seen.reserve(vocab.strings.size());
+        for (size_t i = 0; i < vocab.strings.size(); ++i) {
+            std::string_view word(vocab.strings[i].c_str());  // up to the first NUL
+            if (word.empty()) {
+                empty_names.push_back("[EMPTY_" + std::to_string(i) + "]");
+                word = empty_names.back();
+            }
+            auto [at, fresh] = seen.emplace(word, i);
+            if (!fresh) {
+                std::string shown(word.substr(0, 40));
+                for (char& c : shown)
+                    if (static_cast<unsigned char>(c) < 0x20) c = '?';
+                throw ValueError("'" + path + "': " + kTokensKey + " holds one string twice: tokens " +
+                                 std::to_string(at->second) + " and " + std::to_string(i) + " are both '" + shown +
+                                 "' (llama.cpp needs every token to be distinct)");
+            }
+        }
+    }
+    uint64_t n_vocab = vocab.n_items;
     for (const char* id_key : {"tokenizer.ggml.bos_token_id", "tokenizer.ggml.eos_token_id",
                                "tokenizer.ggml.eot_token_id"}) {
         auto it = kv.find(id_key);

@@ -88,8 +88,6 @@ void set_verbose(bool on) {
     g_verbose = on;
 }
 
-std::string last_log_errors() { return take_errors(); }
-
 std::vector<std::string> cpu_extra_buffer_types() {
     install_logging();
     std::vector<std::string> out;
@@ -140,38 +138,39 @@ Model::Model(const std::string& path, const ModelParams& p,
         std::string why = take_errors();
         throw ValueError("llama.cpp could not load '" + path + "'" + (why.empty() ? "" : ": " + why));
     }
-    vocab_ = llama_model_get_vocab(model_);
-    n_vocab_ = llama_vocab_n_tokens(vocab_);
-
-    llama_context_params cp = llama_context_default_params();
-    n_ctx_ = p.n_ctx > 0 ? p.n_ctx : llama_model_n_ctx_train(model_);
-    n_batch_ = std::min(p.n_batch, n_ctx_);
-    n_seq_max_ = p.n_seq_max;
-    int threads = p.n_threads > 0 ? p.n_threads : std::max(1u, std::thread::hardware_concurrency());
-    cp.n_ctx = n_ctx_;
-    cp.n_batch = n_batch_;
-    cp.n_ubatch = n_batch_;
-    cp.n_seq_max = n_seq_max_;
-    cp.n_threads = threads;
-    cp.n_threads_batch = threads;
-    cp.type_k = kv;
-    cp.type_v = kv;
-    cp.kv_unified = true;  // sequences share the cells, so a shared prompt is stored once
-    cp.no_perf = true;
-    if (kv == GGML_TYPE_Q8_0) cp.flash_attn_type = LLAMA_FLASH_ATTN_TYPE_ENABLED;  // quantized V needs it
-    remote("creating the context of '" + path + "'", [&] { ctx_ = llama_init_from_model(model_, cp); });
-    if (!ctx_) {
-        std::string why = take_errors();
-        llama_model_free(model_);
-        throw ValueError("llama.cpp could not create a context of " + std::to_string(n_ctx_) + " tokens for '" +
-                         path + "'" + (why.empty() ? "" : ": " + why));
-    }
-    // llama.cpp may round the context up (to a multiple of 256); we keep the size asked for
-    BLENDIN_CHECK(static_cast<int>(llama_n_ctx(ctx_)) >= n_ctx_);
-    batch_ = std::make_unique<llama_batch>(llama_batch_init(n_batch_, 0, 1));
-    seqs_.resize(n_seq_max_);
-
+    // from here on every failure frees what exists through release(), as the destructor does
     try {
+        vocab_ = llama_model_get_vocab(model_);
+        n_vocab_ = llama_vocab_n_tokens(vocab_);
+
+        llama_context_params cp = llama_context_default_params();
+        n_ctx_ = p.n_ctx > 0 ? p.n_ctx : llama_model_n_ctx_train(model_);
+        n_batch_ = std::min(p.n_batch, n_ctx_);
+        n_seq_max_ = p.n_seq_max;
+        int threads = p.n_threads > 0 ? p.n_threads : std::max(1u, std::thread::hardware_concurrency());
+        cp.n_ctx = n_ctx_;
+        cp.n_batch = n_batch_;
+        cp.n_ubatch = n_batch_;
+        cp.n_seq_max = n_seq_max_;
+        cp.n_threads = threads;
+        cp.n_threads_batch = threads;
+        cp.type_k = kv;
+        cp.type_v = kv;
+        cp.kv_unified = true;  // sequences share the cells, so a shared prompt is stored once
+        cp.no_perf = true;
+        if (kv == GGML_TYPE_Q8_0) cp.flash_attn_type = LLAMA_FLASH_ATTN_TYPE_ENABLED;  // quantized V needs it
+        remote("creating the context of '" + path + "'", [&] { ctx_ = llama_init_from_model(model_, cp); });
+        if (!ctx_) {
+            std::string why = take_errors();
+            throw ValueError("llama.cpp could not create a context of " + std::to_string(n_ctx_) + " tokens for '" +
+                             path + "'" + (why.empty() ? "" : ": " + why));
+        }
+        // llama.cpp may round the context up (to a multiple of 256); we keep the size asked for
+        BLENDIN_CHECK(static_cast<int>(llama_n_ctx(ctx_)) >= n_ctx_);
+        batch_ = std::make_unique<llama_batch>();
+        *batch_ = llama_batch_init(n_batch_, 0, 1);
+        seqs_.resize(n_seq_max_);
+
         for (auto& [apath, scale] : adapters) {
             std::error_code ec;
             if (!std::filesystem::is_regular_file(apath, ec)) throw FileError("adapter file not found: '" + apath + "'");
@@ -187,10 +186,7 @@ Model::Model(const std::string& path, const ModelParams& p,
         if (!adapters_.empty() && llama_set_adapters_lora(ctx_, adapters_.data(), adapters_.size(), scales_.data()) != 0)
             throw Error("llama.cpp refused the adapter scales: " + take_errors());
     } catch (...) {
-        for (auto* a : adapters_) llama_adapter_lora_free(a);
-        llama_batch_free(*batch_);
-        llama_free(ctx_);
-        llama_model_free(model_);
+        release();
         throw;
     }
 }
@@ -200,21 +196,24 @@ void Model::remote(const std::string& what, const std::function<void()>& fn) {
     rpc::guarded(what, fn);
 }
 
-Model::~Model() {
-    auto release = [this] {
+Model::~Model() { release(); }
+
+void Model::release() {
+    auto free_all = [this] {
         for (auto* a : adapters_) llama_adapter_lora_free(a);
+        adapters_.clear();
         if (batch_) llama_batch_free(*batch_);
+        batch_.reset();
         if (ctx_) llama_free(ctx_);
+        ctx_ = nullptr;
         if (model_) llama_model_free(model_);
+        model_ = nullptr;
     };
-    if (rpc_.empty()) {
-        release();
-        return;
-    }
+    if (rpc_.empty()) return free_all();
     // Freeing talks to the servers. After an RPC failure (earlier, or during this) it would wait
     // on ggml's parked connection thread: the model is left allocated instead.
     try {
-        rpc::guarded("freeing '" + path_ + "'", release);
+        rpc::guarded("freeing '" + path_ + "'", free_all);
     } catch (const std::exception&) {
     }
 }
@@ -350,7 +349,7 @@ void Model::decode(const std::vector<BatchItem>& items) {
         ++next[it.seq];
     }
     llama_batch& b = *batch_;
-    std::vector<std::pair<int, size_t>> rows;
+    std::vector<Row> rows;
     next = length;
     for (int i = 0; i < n; ++i) {
         const BatchItem& it = items[i];
@@ -359,7 +358,7 @@ void Model::decode(const std::vector<BatchItem>& items) {
         b.n_seq_id[i] = 1;
         b.seq_id[i][0] = it.seq;
         b.logits[i] = it.logits;
-        if (it.logits) rows.emplace_back(it.seq, next[it.seq]);
+        if (it.logits) rows.push_back({it.seq, next[it.seq], i, true});
     }
     b.n_tokens = n;
     rows_.clear();
@@ -445,7 +444,7 @@ const float* Model::logits(int i) const {
     if (i < 0 || i >= n_logits())
         throw ValueError("logits row " + std::to_string(i) + " does not exist (the last decode produced " +
                          std::to_string(n_logits()) + " rows)");
-    const float* row = llama_get_logits_ith(ctx_, i - n_logits());  // negative: counted from the last output
+    const float* row = llama_get_logits_ith(ctx_, rows_[i].batch);
     if (!row) throw Error("llama.cpp returned no logits for row " + std::to_string(i));
     return row;
 }
@@ -454,7 +453,7 @@ const float* Model::logits_after(int seq, size_t n) const {
     check_seq(seq);
     if (seqs_[seq].size() != n) return nullptr;
     for (int i = n_logits() - 1; i >= 0; --i)
-        if (rows_[i].first == seq && rows_[i].second == n) return logits(i);
+        if (rows_[i].current && rows_[i].seq == seq && rows_[i].after == n) return logits(i);
     return nullptr;
 }
 
@@ -465,12 +464,10 @@ void Model::truncate(int seq, int n_keep) {
     if (!llama_memory_seq_rm(llama_get_memory(ctx_), seq, n_keep, -1))
         throw Error("could not truncate the KV cache of sequence " + std::to_string(seq));
     for (int s = 0; s < n_seq_max_; ++s)
-        if ((seq < 0 || s == seq) && seqs_[s].size() > static_cast<size_t>(n_keep)) {
-            seqs_[s].resize(n_keep);
-                }
-    // rows stay valid only for logits after tokens the sequence still holds
-    rows_.erase(std::remove_if(rows_.begin(), rows_.end(), [&](const auto& r) { return r.second > seqs_[r.first].size(); }),
-                rows_.end());
+        if ((seq < 0 || s == seq) && seqs_[s].size() > static_cast<size_t>(n_keep)) seqs_[s].resize(n_keep);
+    // a row is the logits after tokens its sequence may no longer hold
+    for (Row& r : rows_)
+        if (r.after > seqs_[r.seq].size()) r.current = false;
 }
 
 void Model::copy_seq(int src, int dst, int n) {
@@ -484,13 +481,14 @@ void Model::copy_seq(int src, int dst, int n) {
     llama_memory_seq_rm(llama_get_memory(ctx_), dst, -1, -1);
     llama_memory_seq_cp(llama_get_memory(ctx_), src, dst, 0, n);
     seqs_[dst].assign(seqs_[src].begin(), seqs_[src].begin() + n);
-    rows_.erase(std::remove_if(rows_.begin(), rows_.end(), [&](const auto& r) { return r.first == dst; }), rows_.end());
+    for (Row& r : rows_)
+        if (r.seq == dst) r.current = false;
 }
 
 double Model::decode_seconds(int k) {
+    Lease::Scope use(lease_, name());  // the measurements are state too
     auto& c = decode_seconds_;
     if (c.empty()) {
-        Lease::Scope use(lease_, name());
         const std::vector<Token> kept = seqs_[0];
         const int top = std::min({8, n_batch_, n_ctx_ - static_cast<int>(kept.size())});
         const Token t = kept.empty() ? std::max(0, bos()) : kept.back();

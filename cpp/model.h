@@ -4,6 +4,7 @@
 // truth). Knows nothing about blending.
 #pragma once
 
+#include <atomic>
 #include <cstdint>
 #include <functional>
 #include <map>
@@ -102,10 +103,12 @@ public:
     const std::vector<std::pair<std::string, double>>& buffer_types() const { return buffer_types_; }
 
     // ---- the KV cache: the Model alone records what each sequence holds ----
+    // (valid while the caller holds the lease; from another thread, copy it under a Lease::Read)
     const std::vector<Token>& tokens(int seq) const;
 
     // Decode one batch (at most n_batch items), each item appended to its sequence. logits(i) is
-    // the i-th row that asked for logits, until the next decode.
+    // the i-th row that asked for logits, until the next decode (truncate and copy_seq leave the
+    // rows as they are: each is read by its position in the batch, as llama.cpp numbers it).
     void decode(const std::vector<BatchItem>& batch);
     // Decode any number of items in chunks of n_batch; on_row(i, row) is called for every item i
     // that asks for logits, while its row is valid. The last chunk's rows stay readable.
@@ -130,8 +133,8 @@ public:
     const float* logits_after(int seq, size_t n) const;
     void truncate(int seq, int n_keep);      // drop positions >= n_keep of a sequence (all if seq < 0)
     void copy_seq(int src, int dst, int n);  // dst holds the first n tokens of src (shared cells)
-    long long decode_calls() const { return decode_calls_; }
-    long long decoded_tokens() const { return decoded_tokens_; }
+    long long decode_calls() const { return decode_calls_.load(std::memory_order_relaxed); }
+    long long decoded_tokens() const { return decoded_tokens_.load(std::memory_order_relaxed); }
     // Seconds a decode of k tokens with logits on every row takes on this device: measured the
     // first time it is asked (batches of 1, 2, 4 and 8 appended to sequence 0 and removed again,
     // the best of two rounds after a warm-up round), interpolated in between and extrapolated beyond.
@@ -140,15 +143,20 @@ public:
     // LoRA adapters (Alignment Vectors): scales can change between decodes with no reload. The
     // KV cache was computed with the old weights, so a change clears it.
     int n_adapters() const { return static_cast<int>(adapters_.size()); }
-    std::vector<float> adapter_scales() const { return scales_; }
+    std::vector<float> adapter_scales() const {
+        Lease::Read read(lease_, name());
+        return scales_;
+    }
     void set_adapter_scales(const std::vector<float>& scales);
 
     // Held by whoever runs a sequence of calls that must not interleave with another thread's.
-    Lease& lease() { return lease_; }
+    // (mutable: a read of a const Model takes it too)
+    Lease& lease() const { return lease_; }
     std::string name() const { return "the model '" + path_ + "'"; }
     const std::vector<std::string>& rpc() const { return rpc_.endpoints(); }
 
 private:
+    void release();  // frees whatever llama.cpp objects exist: the destructor's and a failed constructor's cleanup
     void check_seq(int seq) const;
     // A llama.cpp call that may reach an RPC server: guarded against the server failing (rpc.h).
     void remote(const std::string& what, const std::function<void()>& fn);
@@ -161,21 +169,27 @@ private:
     std::vector<llama_adapter_lora*> adapters_;
     std::vector<float> scales_;
     std::vector<std::vector<Token>> seqs_;   // what each sequence of the KV cache holds
-    std::vector<std::pair<int, size_t>> rows_;  // per logits row of the last decode: (seq, tokens before)
+    struct Row {
+        int seq;
+        size_t after;  // the sequence's length when the row was computed (logits after that many tokens)
+        int batch;     // the item's position in the batch: llama.cpp's own index of the row
+        bool current;  // the sequence still holds those tokens (no truncate or copy_seq dropped them since)
+    };
+    std::vector<Row> rows_;  // per logits row of the last decode
     mutable std::string pieces_;              // text_piece table: all pieces, concatenated ...
     mutable std::vector<uint32_t> piece_end_; // ... and where each ends
     mutable std::once_flag pieces_once_;
     int n_vocab_ = 0, n_ctx_ = 0, n_batch_ = 0, n_seq_max_ = 1;
-    long long file_size_ = 0, decode_calls_ = 0, decoded_tokens_ = 0;
+    long long file_size_ = 0;
+    std::atomic<long long> decode_calls_{0}, decoded_tokens_{0};  // read by statistics without the lease
     std::vector<std::pair<int, double>> decode_seconds_;  // measured (k, seconds)
     std::vector<std::pair<std::string, double>> buffer_types_;
     rpc::Hold rpc_;  // the RPC servers this model's layers live on (none: all local)
-    Lease lease_;
+    mutable Lease lease_;
 };
 
 // Route llama.cpp's log to stderr (true) or drop it (false, the default). Errors are always kept
 // in a small buffer so that load failures can say why.
 void set_verbose(bool on);
-std::string last_log_errors();
 
 }  // namespace blendin

@@ -61,9 +61,6 @@ public:
     // was read this step (read_guide); the anti's logits are needed by proxy only.
     const std::vector<float>& combine(bool consulted, const float* anti_logits, StepInfo& info);
 
-    const std::vector<float>& p_base() const { return pb_; }
-    const std::vector<float>& p_guide() const { return pg_; }
-
 private:
     PolicyParams params_;
     int n_;

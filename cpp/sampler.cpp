@@ -18,8 +18,15 @@ double Sampler::uniform() {
 const std::vector<float>& Sampler::shape(const float* p, int n) {
     q_.assign(p, p + n);
     const double inv_t = 1.0 / params_.temperature;
-    if (inv_t != 1.0)
-        for (int i = 0; i < n; ++i) q_[i] = q_[i] > 0 ? static_cast<float>(std::pow(static_cast<double>(q_[i]), inv_t)) : 0.0f;
+    const float top = n > 0 ? *std::max_element(q_.begin(), q_.end()) : 0.0f;
+    if (inv_t != 1.0 && top > 0) {
+        // p^(1/T) / top^(1/T) in log space: p^(1/T) itself underflows (0.5^1000 is 0 as a float)
+        const double log_top = std::log(static_cast<double>(top));
+        for (int i = 0; i < n; ++i) {
+            const double x = q_[i];
+            q_[i] = x > 0 ? static_cast<float>(std::exp((std::log(x) - log_top) * inv_t)) : 0.0f;
+        }
+    }
     const bool filter = params_.top_k > 0 || params_.top_p < 1;
     if (filter) {
         order_.resize(n);
@@ -54,14 +61,28 @@ const std::vector<float>& Sampler::shape(const float* p, int n) {
 
 int Sampler::draw(const float* q, int n) {
     double u = uniform(), acc = 0;
-    int last = 0;
+    int last = -1;
     for (int i = 0; i < n; ++i) {
-        if (q[i] <= 0) continue;
+        if (!(q[i] > 0)) continue;
         acc += q[i];
         last = i;
         if (u < acc) return i;
     }
+    BLENDIN_CHECK(last >= 0);  // a distribution with no mass is the caller's bug
     return last;  // rounding left u just above the total
+}
+
+int Sampler::residual(const float* p, const float* q, int draft, int n) {
+    leftover_.assign(p, p + n);
+    if (q)
+        for (int i = 0; i < n; ++i) leftover_[i] = std::max(0.0f, p[i] - q[i]);
+    else
+        leftover_[draft] = 0;
+    double sum = 0;
+    for (float x : leftover_) sum += x;
+    if (!(sum > 0)) return draw(p, n);
+    for (auto& x : leftover_) x = static_cast<float>(x / sum);
+    return draw(leftover_.data(), n);
 }
 
 int Sampler::pick(const float* p, int n) {

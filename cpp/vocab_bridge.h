@@ -21,7 +21,6 @@ public:
     VocabBridge(const Model& base, const Model& guide, const std::string& role = "guide");
 
     bool identity() const { return identity_; }
-    int n_guide() const { return static_cast<int>(map_.size()); }
     const std::vector<Token>& map() const { return map_; }  // guide token -> base token, -1: none
     const std::vector<bool>& exact() const { return exact_; }
     // The first difference between the two vocabularies ("" when identical), for messages.

@@ -35,8 +35,10 @@ CHILD = textwrap.dedent(r'''
 
 @pytest.fixture(scope="module")
 def bad_files(tmp_path_factory, tiny_model):
+    import dataclasses
+
     import gguf
-    from blendin_cpp.testing import random_llama
+    from blendin_cpp.testing import make_tokenizer, random_llama
 
     d = tmp_path_factory.mktemp("bad")
     (d / "empty.gguf").write_bytes(b"")
@@ -52,6 +54,23 @@ def bad_files(tmp_path_factory, tiny_model):
         random_llama(d / "missing_key.gguf", seed=3)
     finally:
         gguf.GGUFWriter.add_feed_forward_length = original
+    # llama.cpp aborts (GGML_ASSERT) on a block count outside 1..512 and on a duplicated token
+    original = gguf.GGUFWriter.add_block_count
+    for n in (0, 1000):
+        gguf.GGUFWriter.add_block_count = lambda self, _, n=n: original(self, n)
+        try:
+            random_llama(d / f"blocks_{n}.gguf", seed=3)
+        finally:
+            gguf.GGUFWriter.add_block_count = original
+    tok = make_tokenizer(1024, seed=7)
+    tokens = list(tok.tokens)
+    tokens[600] = tokens[500]
+    random_llama(d / "duplicate_token.gguf", seed=3, tokenizer=dataclasses.replace(tok, tokens=tokens))
+    # llama.cpp reads token strings up to their first NUL byte and names empty tokens [EMPTY_i]: two
+    # tokens that differ after a NUL, or one that spells another's empty name, are duplicates too
+    tokens = list(tok.tokens)
+    tokens[600], tokens[601] = "ab\x00c", "ab\x00d"
+    random_llama(d / "duplicate_after_nul.gguf", seed=3, tokenizer=dataclasses.replace(tok, tokens=tokens))
     return d
 
 
@@ -66,6 +85,12 @@ def outcomes(bad_files, tiny_model):
         "truncated_header": [d + "/truncated_header.gguf", {}, None],
         "truncated_data": [d + "/truncated_data.gguf", {}, None],
         "missing_key": [d + "/missing_key.gguf", {}, None],
+        "blocks_0": [d + "/blocks_0.gguf", {}, None],
+        "blocks_1000": [d + "/blocks_1000.gguf", {}, None],
+        "duplicate_token": [d + "/duplicate_token.gguf", {}, None],
+        "duplicate_after_nul": [d + "/duplicate_after_nul.gguf", {}, None],
+        "n_ctx_2_31": [tiny_model, {"n_ctx": 2 ** 31}, None],
+        "n_batch_2_63": [tiny_model, {"n_batch": 2 ** 63}, None],
         "n_ctx_zero": [tiny_model, {"n_ctx": 0}, None],
         "n_ctx_negative": [tiny_model, {"n_ctx": -5}, None],
         "n_ctx_text": [tiny_model, {"n_ctx": "big"}, None],
@@ -90,8 +115,14 @@ def outcomes(bad_files, tiny_model):
     ("truncated_header", "ValueError", ["truncated"]),
     ("truncated_data", "ValueError", ["truncated", "ends past the end of the file"]),
     ("missing_key", "ValueError", ["missing the required GGUF key", "llama.feed_forward_length"]),
-    ("n_ctx_zero", "ValueError", ["n_ctx must be >= 1"]),
-    ("n_ctx_negative", "ValueError", ["n_ctx must be >= 1", "-5"]),
+    ("blocks_0", "ValueError", ["llama.block_count = 0", "1..512"]),
+    ("blocks_1000", "ValueError", ["llama.block_count = 1000", "1..512"]),
+    ("duplicate_token", "ValueError", ["tokenizer.ggml.tokens", "tokens 500 and 600 are both"]),
+    ("duplicate_after_nul", "ValueError", ["tokenizer.ggml.tokens", "tokens 600 and 601 are both 'ab'"]),
+    ("n_ctx_2_31", "ValueError", ["n_ctx must be an integer >= 1 and below 2^31, got 2147483648"]),
+    ("n_batch_2_63", "ValueError", ["n_batch must be an integer >= 1 and below 2^31"]),
+    ("n_ctx_zero", "ValueError", ["n_ctx must be an integer >= 1"]),
+    ("n_ctx_negative", "ValueError", ["n_ctx must be an integer >= 1", "-5"]),
     ("n_ctx_text", "TypeError", ["n_ctx must be an integer"]),
     ("threads_negative", "ValueError", ["n_threads"]),
     ("kv_type_bad", "ValueError", ["kv_type", "f8"]),
@@ -155,3 +186,43 @@ def test_hostile_chat_templates_are_a_clear_error(model_dir, shared_tokenizer, t
         assert kind == "ValueError", f"{name}: {kind}: {message}"
         assert f"the chat template of {guides[name]}" in message, message
         assert ("s of CPU time" in message) if name.startswith("loop") else ("characters" in message), message
+
+
+LEAK_CHILD = textwrap.dedent(r'''
+    import json, sys
+    import blendin_cpp as bc
+    path, bad_adapter, no_context = sys.argv[1:4]
+    out = []
+    for kwargs in ({"adapters": [("/nonexistent/adapter.gguf", 1.0)]}, {"adapters": [(bad_adapter, 1.0)]}):
+        try:
+            bc.Model(path, n_ctx=32, **kwargs)
+            out.append("loaded")
+        except Exception as e:
+            out.append(type(e).__name__)
+    try:
+        bc.Model(no_context)
+        out.append("loaded")
+    except Exception as e:
+        out.append(type(e).__name__)
+    maps = open("/proc/self/maps").read()
+    print(json.dumps({"errors": out, "mapped": [p for p in (path, no_context) if p in maps]}))
+''')
+
+
+@pytest.mark.skipif(not sys.platform.startswith("linux"), reason="reads /proc/self/maps")
+def test_a_failed_load_frees_the_model(tiny_model, tmp_path):
+    """Whatever fails after llama.cpp loaded the weights (an adapter, the context) frees the context
+    and the model on the one cleanup path: the file is no longer mapped."""
+    import gguf
+    from blendin_cpp.testing import random_llama
+    original = gguf.GGUFWriter.add_context_length
+    gguf.GGUFWriter.add_context_length = lambda self, n: original(self, 0)  # n_ctx 0: no context
+    try:
+        no_context = str(random_llama(tmp_path / "context_0.gguf", seed=3))
+    finally:
+        gguf.GGUFWriter.add_context_length = original
+    r = subprocess.run([sys.executable, "-c", LEAK_CHILD, tiny_model, tiny_model, no_context], capture_output=True,
+                       text=True, timeout=120)
+    assert r.returncode == 0, r.stderr[-2000:]
+    out = json.loads(r.stdout.strip().splitlines()[-1])
+    assert out["errors"] == ["FileNotFoundError", "ValueError", "ValueError"] and out["mapped"] == [], out

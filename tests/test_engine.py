@@ -521,6 +521,12 @@ def test_gil_is_released_while_tokenizing(tiny_model):
     (dict(speculative=True), ValueError, "speculative must be 'off', 'on' or 'auto', not True"),
     (dict(drafter="oracle"), ValueError, "drafter must be 'guide' or 'ngram'"),
     (dict(top_k=2.5), TypeError, "top_k must be an integer"),
+    # beyond the core's 32-bit integers: a ValueError naming the parameter and its range
+    (dict(top_k=2 ** 31), ValueError, r"top_k must be an integer >= 0 and below 2\^31, got 2147483648"),
+    (dict(max_tokens=2 ** 31), ValueError, r"max_tokens must be an integer >= 1 and below 2\^31"),
+    (dict(max_tokens=-2 ** 40), ValueError, r"max_tokens must be an integer >= 1 and below 2\^31"),
+    (dict(top_logprobs=2 ** 63), ValueError, r"top_logprobs must be an integer in \[0, 100\], got 9223372036854775808"),
+    (dict(draft_max=2 ** 31), ValueError, r"draft_max must be an integer in \[1, 64\]"),
 ], ids=lambda v: str(v) if isinstance(v, str) else None)
 def test_bad_parameters(blender, kwargs, exc, words):
     with pytest.raises(exc, match=words):
@@ -595,6 +601,52 @@ def test_mismatched_vocabularies(model_dir, models):
                                     n_vocab=600), n_ctx=64)
     with pytest.raises(ValueError, match="the base and the anti do not share a vocabulary: token \\d+ is .* in the anti"):
         bc.Blender(models["base"], models["guide"], anti=smaller)
+
+
+def test_another_vocabulary_is_refused_where_it_cannot_work(model_dir, models):
+    """One rule, in the core, at construction and at every start: a guide with another vocabulary
+    cannot be mixed in logit space (dera, proxy) nor draft or be verified token by token
+    (speculative on or auto). The base alone with n-gram drafts needs no guide and still drafts."""
+    other = bc.Model(random_llama(model_dir / "other_vocab.gguf", n_embd=32, n_layer=1, n_head=2, seed=5,
+                                  tokenizer=make_tokenizer(1024, seed=99)), n_ctx=64)
+    shares = r"needs a guide that shares the base's vocabulary: token \d+ is"
+    with pytest.raises(ValueError, match="method 'dera' combines logits token by token and " + shares):
+        bc.Blender(models["base"], other, method="dera")
+    for spec in (True, "auto"):
+        with pytest.raises(ValueError, match="speculative verification .* " + shares):
+            bc.Blender(models["base"], other, speculative=spec)
+    b = bc.Blender(models["base"], other)
+    for settings in (dict(method="dera"), dict(speculative=True), dict(speculative="auto")):
+        with pytest.raises(ValueError, match=shares):
+            b.configure(**settings)
+        with pytest.raises(ValueError, match=shares):
+            b.complete(PROMPT, max_tokens=2, **settings)
+    assert b.defaults["method"] == "blendin" and b.defaults["speculative"] is False  # nothing was kept
+    alone = bc.Blender(models["base"], other, method="base", speculative=True, drafter="ngram")
+    r = alone.complete("one two three one two three one two three one two", max_tokens=16)
+    assert r.stats["drafted"] > 0
+    assert r.tokens == bc.Blender(models["base"], None, method="base").complete(
+        "one two three one two three one two three one two", max_tokens=16).tokens
+
+
+def test_end_tokens_have_one_definition(model_dir, shared_tokenizer, models):
+    """A generation ends at the base's end tokens and at a same-vocabulary guide's (the final
+    distribution lives on the base vocabulary); Blender.is_end answers with the core's set."""
+    import dataclasses
+    user = shared_tokenizer.special["<|user|>"]
+    own_end = bc.Model(random_llama(model_dir / "own_end.gguf", n_embd=32, n_layer=1, n_head=2, seed=6,
+                                    tokenizer=dataclasses.replace(shared_tokenizer, eot=user)), n_ctx=64)
+    base = models["base"]
+    assert own_end.is_eog(user) and not base.is_eog(user)
+    pair = bc.Blender(base, own_end)
+    assert not pair._engine.bridged and pair.is_end(user)
+    assert all(pair.is_end(t) == (base.is_eog(t) or own_end.is_eog(t)) for t in range(base.n_vocab))
+    assert not bc.Blender(base, None, method="base").is_end(user)
+    other = bc.Model(random_llama(model_dir / "other_vocab.gguf", n_embd=32, n_layer=1, n_head=2, seed=5,
+                                  tokenizer=make_tokenizer(1024, seed=99)), n_ctx=64)
+    assert all(bc.Blender(base, other).is_end(t) == base.is_eog(t) for t in range(base.n_vocab))
+    with pytest.raises(ValueError, match="outside the vocabulary"):
+        pair.is_end(base.n_vocab)
 
 
 def test_proxy_needs_the_third_model(models):

@@ -1,6 +1,7 @@
 """`Blender`: a base and a guide decoded together, one token per `next()` (docs/design.md sections 3, 5)."""
 from __future__ import annotations
 
+import operator
 import threading
 from contextlib import contextmanager
 from dataclasses import dataclass, field
@@ -73,9 +74,19 @@ def _number(name: str, value) -> float:
     return float(value)
 
 
-def _integer(name: str, value) -> int:
+INT32 = 2 ** 31  # the core's integers are 32-bit
+
+
+def _integer(name: str, value, *, int32: bool = True) -> int:
+    """Python's part of the checks: the type, and what the core's 32-bit integers hold (beyond
+    that the binding could not even pass the value on). The range is the core's."""
     if isinstance(value, bool) or not isinstance(value, int):
         raise TypeError(f"{name} must be an integer, got {type(value).__name__} {value!r}")
+    if int32 and not -INT32 <= value < INT32:
+        if name not in RANGES:
+            raise ValueError(f"{name} must be a 32-bit integer, got {value}")
+        hi, text = RANGES[name][1], RANGES[name][5]
+        raise ValueError(f"{name} must be an integer {text}{' and below 2^31' if hi >= INT32 else ''}, got {value}")
     return value
 
 
@@ -138,10 +149,17 @@ class Blender:
             self._lock.release()
 
     def configure(self, **settings) -> None:
-        """Change the default blending settings (see SETTINGS) for later generations."""
+        """Change the default blending settings (see SETTINGS) for later generations. The core
+        checks them against the models before anything is kept (ranges, and what a guide with
+        another vocabulary cannot do: dera, proxy, speculative verification)."""
         merged = {**self.defaults, **settings}
-        self.gen_params(settings=merged).validate()  # before keeping anything
+        self._engine.check(self.gen_params(settings=merged))
         self.defaults = merged
+
+    def is_end(self, token: int) -> bool:
+        """Whether `token` ends a generation: the base's end tokens and a same-vocabulary guide's
+        (the core's one definition; a guide with another vocabulary ends through the base's)."""
+        return self._engine.is_end(_integer("token", operator.index(token)))
 
     # --- prompts ------------------------------------------------------------------------------
     def prompts(self, prompt: str | Sequence[dict] | Sequence[int], guide_prompt: str | Sequence[dict] | None = None,
@@ -329,7 +347,7 @@ class Blender:
         p.top_k = _integer("top_k", top_k)
         p.top_p = _number("top_p", top_p)
         p.min_p = _number("min_p", min_p)
-        p.seed = _integer("seed", seed)
+        p.seed = _integer("seed", seed, int32=False)  # 64 bits: the core checks
         p.max_tokens = _integer("max_tokens", max_tokens)
         p.stop = stop
         p.top_logprobs = _integer("top_logprobs", top_logprobs)

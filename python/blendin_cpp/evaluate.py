@@ -139,12 +139,14 @@ def load_questions(path: str | None, limit: int | None, match: str | None = None
 
 
 def skip_reason(blender: Blender, method: str) -> str | None:
-    if method in ("proxy", "dera") and blender._engine.bridged:
-        return "needs a guide that shares the base's vocabulary"
     if method == "proxy" and blender.anti is None:
         return "needs --anti (the guide's untuned sibling)"
     if method != "base" and blender.guide is None:
         return "needs a guide"
+    try:  # the core's rule for the pair (a guide with another vocabulary cannot do proxy or dera)
+        blender._engine.check(blender.gen_params(settings={"method": method}))
+    except ValueError as e:
+        return str(e)
     return None
 
 

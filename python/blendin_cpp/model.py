@@ -51,12 +51,13 @@ def parse_rpc(rpc: str | Iterable[str] | None) -> list[str]:
 
 
 def _int_param(name: str, value, *, minimum: int, allow_none: bool = False) -> int | None:
+    """An integer for the core, which holds 32 bits: beyond them the binding could not pass it on."""
     if value is None and allow_none:
         return None
     if isinstance(value, bool) or not isinstance(value, (int, np.integer)):
         raise TypeError(f"{name} must be an integer, got {type(value).__name__} {value!r}")
-    if value < minimum:
-        raise ValueError(f"{name} must be >= {minimum}, got {value}")
+    if not minimum <= value < 2 ** 31:
+        raise ValueError(f"{name} must be an integer >= {minimum} and below 2^31, got {value}")
     return int(value)
 
 
@@ -315,7 +316,9 @@ class Model:
         self._handle.decode(tokens, [int(p) for p in positions], seqs, flags)
 
     def logits_row(self, i: int) -> np.ndarray:
-        """Row i of the last decode's logits (shape (n_vocab,))."""
+        """Row i of the last decode's logits (shape (n_vocab,)), a copy. A later truncate of any
+        sequence leaves the rows as they were; the next decode replaces them. Like every read of
+        the model's state, it raises BlendError while another thread is inside a call on the model."""
         return self._handle.logits_row(int(i))[0]
 
     def truncate(self, n_keep: int, *, seq: int = -1) -> None:
@@ -325,7 +328,8 @@ class Model:
     def tokens(self, seq: int = 0) -> list[int]:
         """What a sequence of the KV cache holds. The Model keeps this record for everyone who
         decodes with it (Blenders sharing the model, best-of-N, scoring): each derives what it can
-        reuse from it."""
+        reuse from it. A copy; while another thread is inside a call on the model it raises
+        BlendError ("in use by another thread") instead."""
         return list(self._handle.tokens(int(seq)))
 
     # --- adapters ---------------------------------------------------------------------------

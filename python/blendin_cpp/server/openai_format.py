@@ -32,11 +32,11 @@ class _Format:
 
     def _counted(self, steps: list[Step]) -> list[Step]:
         """Steps that have a token to report (not the end-of-generation token)."""
-        return [s for s in steps if not self.server.blender.base.is_eog(s.token)]
+        return [s for s in steps if not self.server.blender.is_end(s.token)]
 
     def shows(self, step: Step) -> bool:
         """Whether a step gets a chunk of its own when streaming (text, or a token's logprobs)."""
-        return bool(step.text) or (self.logprobs is not None and not self.server.blender.base.is_eog(step.token))
+        return bool(step.text) or (self.logprobs is not None and not self.server.blender.is_end(step.token))
 
 
 class ChatFormat(_Format):

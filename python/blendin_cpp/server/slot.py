@@ -101,7 +101,7 @@ class Run:
         self.completion_tokens = 0  # the tokens of the text: the end token is not one of them
 
     async def bursts(self) -> AsyncIterator[list[Step]]:
-        is_eog = self.slot.blender.base.is_eog
+        is_eog = self.slot.blender.is_end
         try:
             while True:
                 steps, stats = await self.slot.call(_pull, self.slot.blender, self._steps, PULL_S)
