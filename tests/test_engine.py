@@ -612,17 +612,17 @@ def test_another_vocabulary_is_refused_where_it_cannot_work(model_dir, models):
     shares = r"needs a guide that shares the base's vocabulary: token \d+ is"
     with pytest.raises(ValueError, match="method 'dera' combines logits token by token and " + shares):
         bc.Blender(models["base"], other, method="dera")
-    for spec in (True, "auto"):
+    for spec in ("on", "auto"):
         with pytest.raises(ValueError, match="speculative verification .* " + shares):
             bc.Blender(models["base"], other, speculative=spec)
     b = bc.Blender(models["base"], other)
-    for settings in (dict(method="dera"), dict(speculative=True), dict(speculative="auto")):
+    for settings in (dict(method="dera"), dict(speculative="on"), dict(speculative="auto")):
         with pytest.raises(ValueError, match=shares):
             b.configure(**settings)
         with pytest.raises(ValueError, match=shares):
             b.complete(PROMPT, max_tokens=2, **settings)
-    assert b.defaults["method"] == "blendin" and b.defaults["speculative"] is False  # nothing was kept
-    alone = bc.Blender(models["base"], other, method="base", speculative=True, drafter="ngram")
+    assert b.defaults["method"] == "blendin" and b.defaults["speculative"] == "off"  # nothing was kept
+    alone = bc.Blender(models["base"], other, method="base", speculative="on", drafter="ngram")
     r = alone.complete("one two three one two three one two three one two", max_tokens=16)
     assert r.stats["drafted"] > 0
     assert r.tokens == bc.Blender(models["base"], None, method="base").complete(
