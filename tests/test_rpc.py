@@ -233,9 +233,20 @@ class CuttingProxy:
                         break
         except OSError:
             pass
-        for c in self.conns if cut else (src, dst):
+        if not cut:
+            for c in (src, dst):
+                try:
+                    c.shutdown(socket.SHUT_RDWR)
+                except OSError:
+                    pass
+            return
+        # the server is gone, as a killed process goes: its connections reset (closed with unread
+        # data, no linger), later connections refused
+        self.listener.close()
+        for c in self.conns:
             try:
-                c.shutdown(socket.SHUT_RDWR)
+                c.setsockopt(socket.SOL_SOCKET, socket.SO_LINGER, struct.pack("ii", 1, 0))
+                c.close()
             except OSError:
                 pass
 
