@@ -8,6 +8,7 @@ server must be healthy and idle. Prints throughput (requests/s, tokens/s) and la
     python bench/load_server.py                       # generated test models
     python bench/load_server.py --base B.gguf --guide G.gguf
     python bench/load_server.py --url http://127.0.0.1:8000   # a server already running
+    python bench/load_server.py --demo --parallel 1,4,8,16    # one server per --parallel value
 
 Only 127.0.0.1 is ever contacted; counts and times are bounded.
 """
@@ -60,9 +61,9 @@ async def send(client: httpx.AsyncClient, kind: str, body: dict, *, stream: bool
         d = r.json()
         c = d["choices"][0]
         return {"text": text_of(kind, c, False), "finish": c["finish_reason"], "tokens": d["usage"]["completion_tokens"],
-                "ids": {d["id"]}, "latency": time.perf_counter() - t0, "first": None, "engine_s": engine_s(d["blend"])}
+                "ids": {d["id"]}, "latency": time.perf_counter() - t0, "first": None}
     body["stream_options"] = {"include_usage": True}
-    parts, ids, finish, tokens, first, done, n, blend = [], set(), None, None, None, False, 0, None
+    parts, ids, finish, tokens, first, done, n = [], set(), None, None, None, False, 0
     async with client.stream("POST", PATHS[kind], json=body) as r:
         r.raise_for_status()
         async for line in r.aiter_lines():
@@ -80,7 +81,6 @@ async def send(client: httpx.AsyncClient, kind: str, body: dict, *, stream: bool
                 return None  # leaving the block closes the connection mid-stream
             if d.get("usage"):
                 tokens = d["usage"]["completion_tokens"]
-            blend = d.get("blend", blend)
             for c in d["choices"]:
                 piece = text_of(kind, c, True)
                 if piece and first is None:
@@ -89,12 +89,7 @@ async def send(client: httpx.AsyncClient, kind: str, body: dict, *, stream: bool
                 finish = c["finish_reason"] or finish
     assert done, "the stream did not end with [DONE]"
     return {"text": "".join(parts), "finish": finish, "tokens": tokens, "ids": ids,
-            "latency": time.perf_counter() - t0, "first": first, "engine_s": engine_s(blend)}
-
-
-def engine_s(blend: dict) -> float:
-    """Seconds the engine spent on a generation (prefill and decoding), from its statistics."""
-    return blend["prefill_s"] + blend["generate_s"]
+            "latency": time.perf_counter() - t0, "first": first}
 
 
 async def run_load(url: str, *, clients: int = 32, per_client: int = 3, hang_ups: int = 4,
@@ -153,8 +148,7 @@ async def run_load(url: str, *, clients: int = 32, per_client: int = 3, hang_ups
             "tokens_per_s": tokens / wall, "latency_p50_s": statistics.median(lat), "latency_p95_s": pct(lat, 0.95),
             "first_token_p50_s": statistics.median(firsts) if firsts else float("nan"),
             "first_token_p95_s": pct(firsts, 0.95),
-            "alone_tokens_per_s": alone_tokens_per_s, "alone_latency_p50_s": statistics.median(r["latency"] for r in alone),
-            "engine_busy": sum(r["engine_s"] for _, _, r in done) / wall}
+            "alone_tokens_per_s": alone_tokens_per_s, "alone_latency_p50_s": statistics.median(r["latency"] for r in alone)}
 
 
 # ---- a server to test ----------------------------------------------------------------------------------
@@ -196,52 +190,62 @@ def generated_model_args(directory: Path) -> list[str]:
     return ["--base", str(base), "--guide", str(guide), "--threads", "1"]
 
 
+def report(rep: dict) -> None:
+    print(f"{rep['sent']} requests from {rep['clients']} clients: {rep['completed']} completed "
+          f"({rep['streamed']} streamed), {rep['hung_up']} hung up mid-stream, {len(rep['mismatches'])} mismatches, "
+          f"ids unique: {rep['unique_ids']}, health after: {rep['health']}")
+    print(f"throughput: {rep['requests_per_s']:.1f} requests/s, {rep['tokens_per_s']:.0f} tokens/s "
+          f"({rep['tokens']} tokens in {rep['wall_s']:.2f} s) = {rep['tokens_per_s'] / rep['alone_tokens_per_s']:.2f}x "
+          f"the same requests sent one at a time")
+    print(f"latency: p50 {rep['latency_p50_s'] * 1000:.0f} ms, p95 {rep['latency_p95_s'] * 1000:.0f} ms "
+          f"({rep['latency_p50_s'] / rep['alone_latency_p50_s']:.0f}x / "
+          f"{rep['latency_p95_s'] / rep['alone_latency_p50_s']:.0f}x a request alone, among {rep['clients'] - 1} other clients); "
+          f"first streamed text p50 {rep['first_token_p50_s'] * 1000:.0f} ms, "
+          f"p95 {rep['first_token_p95_s'] * 1000:.0f} ms")
+    for m in rep["mismatches"][:5]:
+        print("mismatch:", m)
+
+
 def main() -> int:
     ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     ap.add_argument("--url", help="a server already running on 127.0.0.1 (default: start one)")
     ap.add_argument("--base")
     ap.add_argument("--guide")
     ap.add_argument("--demo", action="store_true", help="serve the bundled demo pair")
+    ap.add_argument("--parallel", default="4", help="comma-separated --parallel values: one server (and run) each")
+    ap.add_argument("--ctx", type=int, default=1024, help="--ctx of the servers started (per request)")
     ap.add_argument("--clients", type=int, default=32)
     ap.add_argument("--requests", type=int, default=3, help="requests per client")
     ap.add_argument("--hang-ups", type=int, default=4, help="clients that hang up mid-stream")
     ap.add_argument("--api-key", default=os.environ.get("BLENDIN_API_KEY"))
     args = ap.parse_args()
-    proc = None
+    ok = True
     with tempfile.TemporaryDirectory() as tmp:
-        url = args.url
-        if url is None:
-            if args.demo:
-                model_args = ["--threads", "1"]
-            elif args.base:
-                model_args = ["--base", args.base, "--guide", args.guide, "--threads", "1"]
-            else:
-                model_args = generated_model_args(Path(tmp))
-            port = free_port()
-            proc = start_server(model_args, port=port, log_path=str(Path(tmp) / "server.log"),
-                                extra=["--api-key", args.api_key] if args.api_key else [])
-            url = f"http://127.0.0.1:{port}"
-        try:
-            rep = asyncio.run(run_load(url, clients=args.clients, per_client=args.requests, hang_ups=args.hang_ups,
-                                       api_key=args.api_key))
-        finally:
-            if proc is not None:
-                proc.terminate()
-                proc.wait(30)
-    print(f"{rep['sent']} requests from {rep['clients']} clients: {rep['completed']} completed "
-          f"({rep['streamed']} streamed), {rep['hung_up']} hung up mid-stream, {len(rep['mismatches'])} mismatches, "
-          f"ids unique: {rep['unique_ids']}, health after: {rep['health']}")
-    print(f"throughput: {rep['requests_per_s']:.1f} requests/s, {rep['tokens_per_s']:.0f} tokens/s "
-          f"({rep['tokens']} tokens in {rep['wall_s']:.2f} s) = {rep['tokens_per_s'] / rep['alone_tokens_per_s']:.2f}x "
-          f"the same requests sent one at a time; the engine decoded {rep['engine_busy']:.0%} of the wall time")
-    print(f"latency: p50 {rep['latency_p50_s'] * 1000:.0f} ms, p95 {rep['latency_p95_s'] * 1000:.0f} ms "
-          f"({rep['latency_p50_s'] / rep['alone_latency_p50_s']:.0f}x / "
-          f"{rep['latency_p95_s'] / rep['alone_latency_p50_s']:.0f}x a request alone, queueing behind {rep['clients'] - 1} others); "
-          f"first streamed text p50 {rep['first_token_p50_s'] * 1000:.0f} ms, "
-          f"p95 {rep['first_token_p95_s'] * 1000:.0f} ms")
-    for m in rep["mismatches"][:5]:
-        print("mismatch:", m)
-    return 0 if not rep["mismatches"] and rep["unique_ids"] else 1
+        if args.demo:
+            model_args = ["--threads", "1"]
+        elif args.base:
+            model_args = ["--base", args.base, "--guide", args.guide, "--threads", "1"]
+        else:
+            model_args = generated_model_args(Path(tmp))
+        for parallel in ([None] if args.url else [int(x) for x in args.parallel.split(",")]):
+            proc, url = None, args.url
+            if url is None:
+                port = free_port()
+                extra = ["--parallel", str(parallel), "--ctx", str(args.ctx)]
+                proc = start_server(model_args, port=port, log_path=str(Path(tmp) / "server.log"),
+                                    extra=extra + (["--api-key", args.api_key] if args.api_key else []))
+                url = f"http://127.0.0.1:{port}"
+                print(f"--- serve --parallel {parallel}")
+            try:
+                rep = asyncio.run(run_load(url, clients=args.clients, per_client=args.requests,
+                                           hang_ups=args.hang_ups, api_key=args.api_key))
+            finally:
+                if proc is not None:
+                    proc.terminate()
+                    proc.wait(30)
+            report(rep)
+            ok = ok and not rep["mismatches"] and rep["unique_ids"]
+    return 0 if ok else 1
 
 
 if __name__ == "__main__":

@@ -22,6 +22,7 @@
 #include "rpc.h"
 #include "retokenizer.h"
 #include "sampler.h"
+#include "scheduler.h"
 
 namespace nb = nanobind;
 using namespace nb::literals;
@@ -207,6 +208,7 @@ NB_MODULE(_core, m) {
         .def_prop_ro("decoded_tokens", &Model::decoded_tokens)
         .def_prop_ro("rpc", &Model::rpc)
         .def_prop_ro("buffer_types", &Model::buffer_types, "(name, MiB) of each buffer llama.cpp put weights in.")
+        .def_prop_ro("kv_mib", &Model::kv_mib, "The KV cache's memory in MiB (all sequences).")
         .def("is_eog", &Model::is_eog, "token"_a)
         .def("is_control", &Model::is_control, "token"_a)
         // tokenizing reads only the vocabulary; a long text takes long (llama.cpp's special-token
@@ -385,6 +387,35 @@ NB_MODULE(_core, m) {
              "Whether the token ends a generation: the base's end tokens and a same-vocabulary guide's.")
         .def_prop_ro("bridged", &Engine::bridged)
         .def("tokens", &Engine::tokens, "role"_a);
+
+    using blendin::Scheduler;
+    nb::class_<Scheduler>(m, "Scheduler", "Many generations at once on one engine's models (continuous batching).")
+        .def(nb::init<Engine&, int, int>(), "engine"_a, "n_slots"_a, "slot_ctx"_a, nb::keep_alive<1, 2>())
+        .def("add", &Scheduler::add, "base_prompt"_a, "guide_prompt"_a, "params"_a,
+             nb::call_guard<nb::gil_scoped_release>(), "Queue a generation; returns its id.")
+        .def("cancel", &Scheduler::cancel, "id"_a, nb::call_guard<nb::gil_scoped_release>())
+        .def("step", [](Scheduler& self) {
+                 std::vector<Scheduler::Event> events;
+                 {
+                     nb::gil_scoped_release release;
+                     events = self.step();
+                 }
+                 // (id, Step, stats dict or None, error or None) per request that moved
+                 nb::list out;
+                 for (auto& e : events) {
+                     const bool done = !e.step.finish_reason.empty();
+                     nb::object stats = done ? nb::object(stats_dict(e.stats)) : nb::none();
+                     nb::object error = e.error.empty() ? nb::none() : nb::object(nb::str(e.error.c_str()));
+                     out.append(nb::make_tuple(e.id, nb::cast(std::move(e.step)), stats, error));
+                 }
+                 return out;
+             }, "Admit waiting requests, then one token for every running one: a list of "
+                "(id, Step, stats when it finished else None, error when it failed else None).")
+        .def_prop_ro("n_slots", &Scheduler::n_slots)
+        .def_prop_ro("slot_ctx", &Scheduler::slot_ctx)
+        .def_prop_ro("running", &Scheduler::running)
+        .def_prop_ro("waiting", &Scheduler::waiting)
+        .def_prop_ro("idle", &Scheduler::idle);
 
     using FloatRow = nb::ndarray<const float, nb::ndim<1>, nb::c_contig, nb::device::cpu>;
     nb::class_<blendin::Sampler>(m, "Sampler", "The sampler of a generation on its own (temperature, filters, draws).")

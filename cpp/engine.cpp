@@ -4,7 +4,6 @@
 #include <cmath>
 
 #include "error.h"
-#include "text.h"
 
 namespace blendin {
 
@@ -364,12 +363,7 @@ bool Engine::room(Token next) {
     // a guide that re-reads the text: its tokens of the text with `next`, counted exactly only
     // when the cheap bound comes near its context
     const size_t limit = static_cast<size_t>(tracks_[kGuide].model->n_ctx()) - guide_prompt_.size();
-    const std::string& text = decoder_->text();
-    const std::string_view piece = facts_->base->text_piece(next);
-    if (retokenizer_->bound(text.size() + piece.size()) <= limit) return true;
-    std::string grown = text;
-    grown += piece;
-    return retokenizer_->tokens(grown, utf8_boundary(grown, 0, grown.size())).size() <= limit;
+    return retokenizer_->fits(decoder_->text(), facts_->base->text_piece(next), limit);
 }
 
 bool Engine::emit(Step& s, bool in_kv) {

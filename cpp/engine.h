@@ -66,6 +66,8 @@ public:
     std::vector<Token> tokens(int role) const;
 
 private:
+    friend class Scheduler;  // runs many generations on this engine's models (scheduler.h)
+
     // What one model is to have read: its prompt and the generated tokens it follows. The Model
     // records what its KV cache holds; logits() brings it to the target.
     struct Track {

@@ -25,6 +25,9 @@ std::deque<std::string> g_errors;  // recent warnings/errors, to explain load fa
 // The model this thread is loading: llama.cpp logs the buffer types it chose from the loading
 // thread, and offers no other way to ask.
 thread_local std::vector<std::pair<std::string, double>>* t_buffer_types = nullptr;
+// ... and the KV cache it allocates for the context this thread creates (summed: a model with
+// sliding-window layers has two caches, a split model one buffer per device)
+thread_local double* t_kv_mib = nullptr;
 
 void log_callback(ggml_log_level level, const char* text, void*) {
     if (t_buffer_types && level == GGML_LOG_LEVEL_INFO) {
@@ -33,6 +36,12 @@ void log_callback(ggml_log_level level, const char* text, void*) {
         if (const char* at = std::strstr(text, ": "))
             if (std::sscanf(at + 2, "%63s model buffer size = %lf MiB", name, &mib) == 2)
                 t_buffer_types->emplace_back(name, mib);
+    }
+    if (t_kv_mib && level == GGML_LOG_LEVEL_INFO) {
+        char name[64];
+        double mib = 0;
+        if (const char* at = std::strstr(text, ": "))
+            if (std::sscanf(at + 2, "%63s KV buffer size = %lf MiB", name, &mib) == 2) *t_kv_mib += mib;
     }
     std::lock_guard<std::mutex> lock(g_log_mutex);
     if (g_verbose) std::fputs(text, stderr);
@@ -159,7 +168,11 @@ Model::Model(const std::string& path, const ModelParams& p,
         cp.kv_unified = true;  // sequences share the cells, so a shared prompt is stored once
         cp.no_perf = true;
         if (kv == GGML_TYPE_Q8_0) cp.flash_attn_type = LLAMA_FLASH_ATTN_TYPE_ENABLED;  // quantized V needs it
-        remote("creating the context of '" + path + "'", [&] { ctx_ = llama_init_from_model(model_, cp); });
+        remote("creating the context of '" + path + "'", [&] {
+            t_kv_mib = &kv_mib_;
+            ctx_ = llama_init_from_model(model_, cp);
+            t_kv_mib = nullptr;
+        });
         if (!ctx_) {
             std::string why = take_errors();
             throw ValueError("llama.cpp could not create a context of " + std::to_string(n_ctx_) + " tokens for '" +

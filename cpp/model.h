@@ -101,6 +101,8 @@ public:
     int n_embd() const;
     // The buffer types llama.cpp placed the weights in, with their sizes in MiB (as it logs them).
     const std::vector<std::pair<std::string, double>>& buffer_types() const { return buffer_types_; }
+    // The KV cache's memory in MiB, all sequences together (as llama.cpp logs its buffers).
+    double kv_mib() const { return kv_mib_; }
 
     // ---- the KV cache: the Model alone records what each sequence holds ----
     // (valid while the caller holds the lease; from another thread, copy it under a Lease::Read)
@@ -184,6 +186,7 @@ private:
     std::atomic<long long> decode_calls_{0}, decoded_tokens_{0};  // read by statistics without the lease
     std::vector<std::pair<int, double>> decode_seconds_;  // measured (k, seconds)
     std::vector<std::pair<std::string, double>> buffer_types_;
+    double kv_mib_ = 0;
     rpc::Hold rpc_;  // the RPC servers this model's layers live on (none: all local)
     mutable Lease lease_;
 };

@@ -2,6 +2,8 @@
 
 #include <cctype>
 
+#include "text.h"
+
 namespace blendin {
 
 Retokenizer::Retokenizer(const Model& model) : model_(model), bpe_(model.is_bpe()) {}
@@ -75,6 +77,13 @@ size_t Retokenizer::bound(size_t len) const {
     const size_t k = settled();
     const size_t from = k ? ends_[k - 1] : 0;
     return k + 3 * (len > from ? len - from : 0);
+}
+
+bool Retokenizer::fits(const std::string& text, std::string_view piece, size_t limit) {
+    if (bound(text.size() + piece.size()) <= limit) return true;
+    std::string grown = text;
+    grown += piece;
+    return tokens(grown, utf8_boundary(grown, 0, grown.size())).size() <= limit;
 }
 
 }  // namespace blendin

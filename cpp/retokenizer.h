@@ -28,6 +28,9 @@ public:
     // At most how many tokens text[0, len) can have, without tokenizing: for checking the context
     // cheaply.
     size_t bound(size_t len) const;
+    // Whether `text` (what tokens() last read the start of) with `piece` appended reads as at most
+    // `limit` tokens: the cheap bound first, the exact count only near the limit.
+    bool fits(const std::string& text, std::string_view piece, size_t limit);
     long full_passes() const { return full_; }
     long tail_passes() const { return tail_; }
 

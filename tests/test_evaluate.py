@@ -52,11 +52,12 @@ def test_cell_aggregates():
                           "finish_reason": "stop"})
     c.add(q, "it is 7", {"tokens": 6, "interventions": 0, "mean_alpha": 0.0, "generate_s": 0.1,
                          "finish_reason": "length"})
+    c.seconds = 0.5  # the method's wall time: its answers were decoded together
     r = c.row()
     assert r["accuracy"] == 0.5 and r["format_errors"] == 1 and r["content_errors"] == 0 and r["ended"] == 0.5
     assert r["intervention_rate"] == pytest.approx(0.2) and r["mean_alpha"] == pytest.approx(0.5)
     assert Cell().row()["mean_alpha"] is None
-    assert r["tokens_per_s"] == pytest.approx((4 + 6) / (0.1 + 0.1))  # arithmetic on the stats given above
+    assert r["tokens_per_s"] == pytest.approx((4 + 6) / 0.5)  # all the method's tokens over its wall time
     assert [x["result"] for x in r["responses"]] == ["correct", "format"]
     assert r["responses"][1]["got"] == "it is 7" and r["responses"][1]["finish_reason"] == "length"
 

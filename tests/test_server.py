@@ -148,7 +148,8 @@ def test_openai_logprobs(client):
 def test_models_and_health(server):
     models = httpx.get(f"{server}/v1/models", headers=AUTH).json()
     assert models["object"] == "list" and len(models["data"]) == 1
-    assert httpx.get(f"{server}/health").json() == {"status": "ok", "busy": False, "waiting": 0}
+    assert httpx.get(f"{server}/health").json() == {"status": "ok", "busy": False, "running": 0, "waiting": 0,
+                                                   "parallel": 4}
 
 
 # ---- concurrency ----------------------------------------------------------------------------------
@@ -157,7 +158,7 @@ def test_load_32_clients(server):
     print(json.dumps({k: v for k, v in rep.items() if k != "mismatches"}))
     assert rep["mismatches"] == []
     assert rep["completed"] == 96 - 4 and rep["hung_up"] == 4 and rep["unique_ids"]
-    assert rep["health"] == {"status": "ok", "busy": False, "waiting": 0}
+    assert rep["health"] == {"status": "ok", "busy": False, "running": 0, "waiting": 0, "parallel": 4}
 
 
 @pytest.mark.parametrize("stream", [True, False], ids=["stream", "plain"])
@@ -280,6 +281,21 @@ def test_blending_fields_reach_the_blender(server):
     assert parts["choices"][0]["message"]["content"] == plain
 
 
+async def models_held(server):
+    """Hold the server's models with a job that runs until the returned event is set (requests
+    queue up behind it)."""
+    import threading
+    started, release = threading.Event(), threading.Event()
+
+    def hold():
+        started.set()
+        release.wait(30)
+    asyncio.get_running_loop().create_task(server.batcher.exclusive(hold))
+    while not started.is_set():
+        await asyncio.sleep(0.001)
+    return release
+
+
 def test_queue_limit(model_dir):
     """In process: with the models busy, max_queue requests wait and the next one gets 503."""
     import blendin_cpp as bc
@@ -293,12 +309,12 @@ def test_queue_limit(model_dir):
     async def main():
         transport = httpx.ASGITransport(app=srv.create_app(server))
         async with httpx.AsyncClient(transport=transport, base_url="http://test") as c:
-            await server.slot._lock.acquire()  # the models are busy
+            busy = await models_held(server)  # the models are busy
             sent = [asyncio.create_task(c.post(COMPLETION_PATH, json=PROMPT)) for _ in range(3)]
             done, _ = await asyncio.wait(sent, timeout=30, return_when=asyncio.FIRST_COMPLETED)
             (refused,) = done
-            assert server.slot.waiting == 2
-            server.slot._lock.release()  # the two waiting requests now run, in turn
+            assert server.batcher.counts() == (0, 2)
+            busy.set()  # the two waiting requests now run
             return refused.result(), await asyncio.gather(*sent)
 
     refused, responses = asyncio.run(main())
@@ -307,7 +323,8 @@ def test_queue_limit(model_dir):
 
 
 def test_requests_run_in_arrival_order(model_dir):
-    """In process: requests that queue up while the models are busy run first come, first served."""
+    """In process: requests that queue up while the models are busy run first come, first served
+    (one at a time: the server's default parallel in process is 1)."""
     import blendin_cpp as bc
     from blendin_cpp import server as srv
 
@@ -324,13 +341,13 @@ def test_requests_run_in_arrival_order(model_dir):
                 await c.post(COMPLETION_PATH, json={"prompt": f"Request {i}", "max_tokens": 8})
                 finished.append(i)
 
-            await server.slot._lock.acquire()
+            busy = await models_held(server)
             tasks = []
             for i in range(6):
                 tasks.append(asyncio.create_task(one(i)))
-                while server.slot.waiting <= i:  # request i is in the queue before i + 1 is sent
+                while server.batcher.counts()[1] <= i:  # request i is in the queue before i + 1 is sent
                     await asyncio.sleep(0.001)
-            server.slot._lock.release()
+            busy.set()
             await asyncio.wait_for(asyncio.gather(*tasks), 30)
 
     asyncio.run(main())

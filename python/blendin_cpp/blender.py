@@ -90,6 +90,11 @@ def _integer(name: str, value, *, int32: bool = True) -> int:
     return value
 
 
+# the arguments of a generation that are not blending settings (see `Blender.generate`)
+_SAMPLING = ("max_tokens", "temperature", "top_k", "top_p", "min_p", "seed", "stop", "top_logprobs", "ignore_eos",
+             "diagnostics")
+
+
 class Blender:
     """Decode a base and a guide model together.
 
@@ -298,6 +303,56 @@ class Blender:
         steps = list(self.generate(prompt, guide_prompt, **kwargs))
         return Completion(text="".join(s.text for s in steps), tokens=[s.token for s in steps], steps=steps,
                           stats=dict(self.last_stats))
+
+    def complete_many(self, prompts: Sequence[str | Sequence[dict] | Sequence[int] | PromptTokens], *,
+                      parallel: int | None = None, on_done=None, **kwargs) -> list[Completion]:
+        """Generate every prompt to the end, decoded together (continuous batching): up to
+        `parallel` at once, each in its own KV sequence of every model, one batched decode per
+        model and phase per step; the next prompt starts as soon as one finishes. Each result is
+        the one `complete(prompt, **kwargs)` gives alone (tokens, text, statistics; the seed of
+        `kwargs` for each prompt), up to the rounding of batched arithmetic (see the README);
+        speculative verification is not used (greedy tokens are the same). `parallel` defaults
+        to the models' n_seq_max, and the context is shared: each prompt gets n_ctx // parallel
+        tokens (load the models with n_ctx = parallel x the context one prompt needs).
+        `on_done(index, completion)` is called as each finishes (for progress). The statistics'
+        decode counts are the models' while the prompt ran (shared with the prompts batched with
+        it); prefill_s runs from the call to its first token."""
+        prompts = list(prompts)
+        if not prompts:
+            return []
+        limit = min(m.n_seq_max for m in self._models())
+        if parallel is None:
+            parallel = min(len(prompts), limit)
+        parallel = _integer("parallel", parallel)
+        if not 1 <= parallel <= limit:
+            raise ValueError(f"parallel must be in 1..{limit} (the models' n_seq_max), got {parallel}")
+        slot_ctx = min(m.n_ctx for m in self._models()) // parallel
+        guide_prompt = kwargs.pop("guide_prompt", None)
+        params = self.gen_params(**{k: kwargs.pop(k) for k in list(kwargs) if k in _SAMPLING},
+                                 settings={**self.defaults, **kwargs})
+        tokens = [self.prompts(p, guide_prompt) for p in prompts]
+        results: list[Completion | None] = [None] * len(prompts)
+        with self._turn():
+            self._current = None  # a generation in progress ends here
+            scheduler = _core.Scheduler(self._engine, parallel, slot_ctx)
+            index = {scheduler.add(t.base, t.guide, params): i for i, t in enumerate(tokens)}
+            steps: dict[int, list[Step]] = {i: [] for i in index}
+            while not scheduler.idle:
+                for rid, step, stats, error in scheduler.step():
+                    if error is not None:
+                        raise BlendError(f"prompt {index[rid]} failed: {error}")
+                    steps[rid].append(step)
+                    if stats is not None:
+                        done = steps.pop(rid)
+                        c = Completion(text="".join(s.text for s in done), tokens=[s.token for s in done],
+                                       steps=done, stats=stats)
+                        results[index[rid]] = c
+                        if on_done is not None:
+                            on_done(index[rid], c)
+        return results  # type: ignore[return-value]
+
+    def _models(self) -> list[Model]:
+        return [m for m in (self.base, self.guide, self.anti) if m is not None]
 
     def reset(self) -> None:
         """Empty the models' KV caches (the next prompt is read in full)."""

@@ -279,6 +279,11 @@ class Model:
         return out
 
     @property
+    def kv_mib(self) -> float:
+        """The KV cache's memory in MiB, all sequences together (n_ctx cells)."""
+        return self._handle.kv_mib
+
+    @property
     def description(self) -> str:
         return self._handle.description
 

@@ -99,15 +99,16 @@ def model_paths(args, need_anti: bool = False, log=None) -> dict:
     return paths
 
 
-def load_models(args, need_anti: bool = False, log=None, n_seq_max: int = 1):
+def load_models(args, need_anti: bool = False, log=None, n_seq_max: int = 1, parallel: int = 1):
     """Load base, guide (and anti) as the arguments say (`model_paths`). With `log` (a stream),
     say what loads and how long it took ("loading base model X ... done (1.2 s)"); a failure's
-    "error: ..." then completes that line."""
+    "error: ..." then completes that line. `parallel` requests at once get --ctx tokens each: the
+    models hold parallel x --ctx KV cells, and at least `parallel` sequences."""
     from .alignment_vectors import runtime_adapters
     from .model import Model
     paths = model_paths(args, need_anti, log)
-    kw = dict(n_ctx=args.ctx, n_gpu_layers=args.n_gpu_layers, n_threads=args.threads, verbose=args.verbose,
-              n_seq_max=n_seq_max)
+    kw = dict(n_ctx=args.ctx * parallel, n_gpu_layers=args.n_gpu_layers, n_threads=args.threads,
+              verbose=args.verbose, n_seq_max=max(n_seq_max, parallel))
     # Alignment Vectors (--av PATH:SCALE): LoRA adapters on the base, checked against it
     av = {"adapters": runtime_adapters(args.av, paths["base"])} if getattr(args, "av", None) else {}
     models = {}
@@ -125,9 +126,9 @@ def load_models(args, need_anti: bool = False, log=None, n_seq_max: int = 1):
     return models
 
 
-def blender_from_args(args, log=None, n_seq_max: int = 1):
+def blender_from_args(args, log=None, n_seq_max: int = 1, parallel: int = 1):
     from .blender import Blender
-    models = load_models(args, need_anti=args.method == "proxy", log=log, n_seq_max=n_seq_max)
+    models = load_models(args, need_anti=args.method == "proxy", log=log, n_seq_max=n_seq_max, parallel=parallel)
     return Blender(models["base"], models["guide"], anti=models["anti"], method=args.method, gamma=args.gamma,
                    alpha=parse_alpha(args.alpha), beta=args.beta, lambda_=args.lambda_,
                    max_intervention_rate=args.max_intervention_rate, lazy=not args.naive,

@@ -6,16 +6,16 @@ GET /health. The models are fixed when the server starts; a request can choose t
 file. Chat requests give the base a plain transcript and the guide its chat template; a completion
 prompt goes to the base as it is and to the guide as one user message (`Blender.generate`).
 
-Concurrency: one Blender owns both models' KV caches, so generations never interleave. Requests
-wait in FIFO order on an asyncio.Lock (its waiters are woken first come, first served). The holder
-pulls its generator on one dedicated worker thread (each `next()` is a C++ step with the GIL
-released), so the event loop keeps accepting, validating and queueing requests meanwhile, and no
-two generation calls can ever overlap (prompts are tokenized outside the queue: that only reads
-the vocabulary). A generation is pulled in bursts of at most PULL_S seconds; between bursts the
-server notices a client that went away (Starlette cancels a streaming response when its client
-disconnects; a plain one checks the connection), stops pulling and releases the lock at once: the
-engine needs nothing else, the next request just starts. At most --max-queue requests wait; more
-get 503. Requests that share a prefix with the previous one (a growing chat) reuse the KV cache.
+Concurrency: one thread owns the models (server/batcher.py). Up to --parallel requests run at
+once, each in its own KV sequence of every model (its slot), and every step decodes the next token
+of all of them together, one llama.cpp batch per model (continuous batching: a new request joins at
+the next step, a finished, stopped or disconnected one leaves at once). Each request gets --ctx
+tokens of context; the models hold --parallel x --ctx KV cells. Requests wait first come, first
+served; at most --max-queue wait, more get 503. Work that needs the models alone (n > 1 and
+best_of, an echoed prompt's log-probabilities, a request with other Alignment Vector scales) waits
+for the running requests to finish, and the requests behind it wait for it. A request whose prompt
+extends what a free slot holds (the next turn of a chat) is given that slot and reads only the new
+tokens. Prompts are tokenized on the event loop's worker threads, outside the queue.
 """
 from __future__ import annotations
 
@@ -42,6 +42,10 @@ def add_parser(subparsers) -> None:
     s.add_argument("--model-name", help="the model id clients see (default: base+guide file names)")
     s.add_argument("--max-tokens-limit", type=int, default=4096, help="largest max_tokens a request may ask for")
     s.add_argument("--max-queue", type=int, default=64, help="requests that may wait; more get 503")
+    s.add_argument("--parallel", type=int, default=4, metavar="N",
+                   help="requests decoded together, each with --ctx tokens of context (default 4: on a CPU a "
+                        "batch of 8 rows costs about 3x one row, so 4 already gains most of what batching can; "
+                        "each slot adds --ctx KV cells per model)")
     s.add_argument("--n-seq", type=int, default=4, help="parallel sequences per model, for n / best_of requests")
     s.add_argument("--timeout-request", type=float, default=30.0, metavar="SECONDS",
                    help="a request's head and body must arrive within this time of the connection (or of the "
@@ -54,7 +58,7 @@ def add_parser(subparsers) -> None:
 
 def cmd_serve(args) -> int:
     import uvicorn
-    for name in ("max_tokens_limit", "max_queue"):
+    for name in ("max_tokens_limit", "max_queue", "parallel"):
         if getattr(args, name) < 1:
             raise ValueError(f"--{name.replace('_', '-')} must be >= 1")
     for name in ("timeout_request", "timeout_keep_alive"):
@@ -63,12 +67,15 @@ def cmd_serve(args) -> int:
     if args.api_key is None and args.host not in ("127.0.0.1", "localhost", "::1"):
         print(f"warning: serving on {args.host} without an API key: anyone who reaches it can use it "
               "(set --api-key or BLENDIN_API_KEY)", file=sys.stderr)
-    blender = blender_from_args(args, log=sys.stderr, n_seq_max=args.n_seq)
+    blender = blender_from_args(args, log=sys.stderr, n_seq_max=args.n_seq, parallel=args.parallel)
     model_id = args.model_name or "+".join(Path(m.path).stem for m in (blender.base, blender.guide) if m)
     defaults = dict(max_tokens=args.max_tokens, temperature=args.temperature, top_k=args.top_k, top_p=args.top_p,
                     min_p=args.min_p, seed=args.seed, stop=args.stop)
     server = Server(blender, model_id=model_id, defaults=defaults, api_key=args.api_key,
-                    max_tokens_limit=args.max_tokens_limit, max_queue=args.max_queue)
+                    max_tokens_limit=args.max_tokens_limit, max_queue=args.max_queue, parallel=args.parallel)
+    kv = sum(m.kv_mib for m in blender._models())
+    print(f"{args.parallel} requests at once, {server.n_ctx} tokens of context each; KV cache {kv:.1f} MiB "
+          f"({kv / args.parallel:.1f} MiB per slot)", file=sys.stderr, flush=True)
     uvicorn.run(create_app(server), host=args.host, port=args.port, log_level=args.log_level,
                 http=protocol(args.timeout_request), timeout_keep_alive=args.timeout_keep_alive,
                 timeout_graceful_shutdown=5)

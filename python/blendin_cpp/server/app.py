@@ -20,7 +20,7 @@ from ..model import ContextLengthError
 from .openai_format import FINISH, ChatFormat, CompletionFormat, usage
 from .schemas import ApiError, ChatRequest, CompletionRequest, check_no_ops, validation_error
 from .scoring import complete_prompts, model_method, read_prompts
-from .slot import Run, Slot
+from .batcher import Batcher, Run
 from .tokenizer import add_tokenizer_routes
 
 MAX_BODY_BYTES = 1 << 20
@@ -30,12 +30,12 @@ class Server:
     """The server's state: the Blender and its slot, the request defaults, the limits."""
 
     def __init__(self, blender: Blender, *, model_id: str, defaults: dict, api_key: str | None = None,
-                 max_tokens_limit: int = 4096, max_queue: int = 64):
+                 max_tokens_limit: int = 4096, max_queue: int = 64, parallel: int = 1):
         self.blender, self.model_id, self.defaults = blender, model_id, defaults
         self.api_key = api_key
-        self.n_ctx = min(m.n_ctx for m in (blender.base, blender.guide) if m is not None)
+        self.batcher = Batcher(blender, parallel, max_queue)
+        self.n_ctx = self.batcher.slot_ctx  # each request's context: the models' cells are shared by the slots
         self.max_tokens_limit = min(max_tokens_limit, self.n_ctx)
-        self.slot = Slot(blender, max_queue)
         self.created = int(time.time())
         self.av_defaults = blender.base.adapter_scales()  # the --av scales; requests override by name
         for m in (blender.base, blender.guide):
@@ -96,7 +96,7 @@ class Server:
                   top_k=d["top_k"] if req.top_k is None else req.top_k,
                   min_p=d["min_p"] if req.min_p is None else req.min_p,
                   seed=d["seed"] if req.seed is None else req.seed,
-                  stop=d["stop"] if req.stop is None else req.stop)
+                  stop=d["stop"] if req.stop is None else req.stop, ignore_eos=req.ignore_eos)
         for name in ("method", "gamma", "alpha", "beta", "lambda_", "max_intervention_rate"):
             if getattr(req, name) is not None:
                 kw[name] = getattr(req, name)
@@ -143,7 +143,7 @@ class Server:
             rewards = bon.implicit_reward(self.blender)(tokens, cands) if req.best_of else [0.0] * total
             return cands, rewards
         try:
-            cands, rewards = await self.slot.exclusive(run)
+            cands, rewards = await self.batcher.exclusive(run)
         except (ValueError, TypeError) as e:
             raise ApiError(400, str(e)) from None
         order = sorted(range(total), key=lambda i: -rewards[i])[: req.n] if req.best_of else list(range(req.n))
@@ -158,7 +158,7 @@ class Server:
     async def generate(self, request, req, tokens: PromptTokens, kwargs: dict, fmt) -> Any:
         """Run a generation; `fmt` turns steps into response objects (see ChatFormat)."""
         try:
-            run = await self.slot.open(request, tokens, kwargs)
+            run = await self.batcher.open(request, tokens, kwargs)
         except (ValueError, TypeError) as e:
             raise ApiError(400, str(e)) from None
         if run is None:
@@ -223,7 +223,9 @@ def create_app(server: Server):
 
     @app.get("/health")
     async def health():
-        return {"status": "ok", "busy": server.slot.busy, "waiting": server.slot.waiting}
+        running, waiting = server.batcher.counts()
+        return {"status": "ok", "busy": running > 0, "running": running, "waiting": waiting,
+                "parallel": server.batcher.parallel}
 
     @app.get("/v1/models")
     async def models(request: Request):

@@ -75,6 +75,8 @@ class _Request(BaseModel):
     max_intervention_rate: Optional[float] = core_field("max_intervention_rate")
     top_k: Optional[int] = core_field("top_k")
     min_p: Optional[float] = core_field("min_p")
+    # as llama-server and vLLM: end tokens are never chosen, so the answer runs to max_tokens or a stop
+    ignore_eos: bool = False
     # Alignment Vector scales by name (the --av files' stems); the others keep their start-up value
     av_scales: Optional[dict[str, float]] = None
     # Fields clients send with values that change nothing here: accepted with those values only

@@ -11,6 +11,7 @@ echo (the guide reads the prompt through its chat template).
 """
 from __future__ import annotations
 
+import asyncio
 import codecs
 from functools import partial
 
@@ -103,7 +104,7 @@ async def _run_to_end(server, request, tokens, kwargs):
     """One generation pulled to its end: (steps, stats, completion tokens), or None when the
     client left."""
     try:
-        run = await server.slot.open(request, tokens, kwargs)
+        run = await server.batcher.open(request, tokens, kwargs)
     except (ValueError, TypeError) as e:
         raise ApiError(400, str(e)) from None
     if run is None:
@@ -121,25 +122,30 @@ async def _run_to_end(server, request, tokens, kwargs):
 
 async def complete_prompts(server, request, req, prompts: list[tuple[str | list[int], int]]):
     """Several prompts and/or echo: one choice per prompt, in order, each generated as a single
-    prompt is (the models are taken and given back per prompt)."""
+    prompt is. The prompts run concurrently, as separate requests would (decoded together, up to
+    the server's --parallel at a time)."""
     if req.stream:
         raise ApiError(400, "echo and lists of prompts cannot be streamed", param="stream", code="invalid_value")
     if req.n > 1 or req.best_of:
         raise ApiError(400, "n and best_of take one prompt without echo", param="n", code="invalid_value")
     head = CompletionFormat(server, req.logprobs)
-    choices, used_prompt, used_completion, blends = [], 0, 0, []
-    for index, (prompt, shown_from) in enumerate(prompts):
-        tokens, kwargs = await server.prepare(req, prompt, req.max_tokens, req.logprobs or 0, "prompt")
-        scored = None
-        if req.echo and req.logprobs is not None and len(tokens.base) > 1:
-            try:
-                scored = await server.slot.exclusive(partial(_score_echo, server.blender, tokens.base, kwargs,
-                                                             req.logprobs))
-            except (ValueError, TypeError) as e:
-                raise ApiError(400, str(e), param="prompt") from None
-        done = await _run_to_end(server, request, tokens, kwargs)
+    # every prompt is checked before any runs: a bad one fails the request at once
+    prepared = [await server.prepare(req, prompt, req.max_tokens, req.logprobs or 0, "prompt") for prompt, _ in prompts]
+    turns = asyncio.Semaphore(server.batcher.parallel)
+
+    async def one(index: int):
+        (prompt, shown_from), (tokens, kwargs) = prompts[index], prepared[index]
+        async with turns:
+            scored = None
+            if req.echo and req.logprobs is not None and len(tokens.base) > 1:
+                try:
+                    scored = await server.batcher.exclusive(partial(_score_echo, server.blender, tokens.base, kwargs,
+                                                                    req.logprobs))
+                except (ValueError, TypeError) as e:
+                    raise ApiError(400, str(e), param="prompt") from None
+            done = await _run_to_end(server, request, tokens, kwargs)
         if done is None:
-            return Response(status_code=204)  # the client is gone; nobody reads this
+            return None
         steps, stats, completion_tokens = done
         fmt = CompletionFormat(server, req.logprobs)
         text = "".join(s.text for s in steps)
@@ -155,12 +161,21 @@ async def complete_prompts(server, request, req, prompts: list[tuple[str | list[
             text = echoed + text
         elif req.logprobs is not None:
             logprobs = fmt._logprobs(steps)
-        choices.append({"index": index, "text": text, "logprobs": logprobs,
-                        "finish_reason": FINISH[stats["finish_reason"]], "blend": json_safe(stats)})
-        used_prompt += server.prompt_tokens(tokens, kwargs)
-        used_completion += completion_tokens
-        blends.append(json_safe(stats))
-    body = {**head.head("text_completion"), "choices": choices, "usage": usage(used_prompt, used_completion)}
+        choice = {"index": index, "text": text, "logprobs": logprobs,
+                  "finish_reason": FINISH[stats["finish_reason"]], "blend": json_safe(stats)}
+        return choice, server.prompt_tokens(tokens, kwargs), completion_tokens
+
+    tasks = [asyncio.create_task(one(i)) for i in range(len(prompts))]
+    try:
+        results = await asyncio.gather(*tasks)
+    finally:
+        for t in tasks:  # one failed: the others stop (their runs close as their tasks are cancelled)
+            t.cancel()
+    if any(r is None for r in results):
+        return Response(status_code=204)  # the client is gone; nobody reads this
+    choices = [r[0] for r in results]
+    body = {**head.head("text_completion"), "choices": choices,
+            "usage": usage(sum(r[1] for r in results), sum(r[2] for r in results))}
     if len(prompts) == 1:
-        body["blend"] = blends[0]
+        body["blend"] = choices[0]["blend"]
     return JSONResponse(body)

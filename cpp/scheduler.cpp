@@ -1,0 +1,284 @@
+#include "scheduler.h"
+
+#include <algorithm>
+
+#include "distribution.h"
+#include "error.h"
+#include "policy.h"
+
+namespace blendin {
+
+namespace {
+double seconds(std::chrono::steady_clock::duration d) { return std::chrono::duration<double>(d).count(); }
+
+size_t common_prefix(const std::vector<Token>& a, const std::vector<Token>& b) {
+    return std::mismatch(a.begin(), a.end(), b.begin(), b.end()).first - a.begin();
+}
+}  // namespace
+
+Scheduler::Scheduler(Engine& engine, int n_slots, int slot_ctx) : engine_(engine), slot_ctx_(slot_ctx) {
+    for (int r = 0; r < kRoles; ++r) models_[r] = engine.tracks_[r].model;
+    if (n_slots < 1) throw ValueError("parallel must be at least 1, got " + std::to_string(n_slots));
+    if (slot_ctx < 2) throw ValueError("the context per request must hold at least 2 tokens, got " + std::to_string(slot_ctx));
+    for (Model* m : models_) {
+        if (!m) continue;
+        if (n_slots > m->n_seq_max())
+            throw ValueError(std::to_string(n_slots) + " requests at once need " + std::to_string(n_slots) +
+                             " sequences, but " + m->name() + " was loaded with n_seq_max = " +
+                             std::to_string(m->n_seq_max()));
+        if (static_cast<long>(n_slots) * slot_ctx > m->n_ctx())
+            throw ValueError(std::to_string(n_slots) + " requests of " + std::to_string(slot_ctx) +
+                             " tokens need " + std::to_string(static_cast<long>(n_slots) * slot_ctx) +
+                             " KV cells, but " + m->name() + " has " + std::to_string(m->n_ctx()) +
+                             " (load it with n_ctx = parallel x context)");
+    }
+    slots_.resize(n_slots);
+    if (engine.bridged()) guide_p_.resize(models_[kGuide]->n_vocab());
+}
+
+int Scheduler::running() const {
+    Lease::Read read(lease_, "this scheduler");
+    return static_cast<int>(std::count_if(slots_.begin(), slots_.end(), [](const Slot& s) { return s.id >= 0; }));
+}
+
+long Scheduler::add(const std::vector<Token>& base_prompt, const std::vector<Token>& guide_prompt, const GenParams& params) {
+    Lease::Scope use(lease_, "this scheduler");
+    engine_.check_prompts(base_prompt, guide_prompt, params);
+    const Method m = params.policy.method;
+    const bool use_role[kRoles] = {uses_base(m), uses_guide(m), uses_anti(m)};
+    const std::vector<Token>* prompts[kRoles] = {&base_prompt, &guide_prompt, &guide_prompt};
+    for (int r = 0; r < kRoles; ++r)
+        if (use_role[r] && static_cast<int>(prompts[r]->size()) >= slot_ctx_)
+            throw ValueError(std::string("the ") + role_name(r) + " prompt has " + std::to_string(prompts[r]->size()) +
+                             " tokens, which leaves no room in the context of " + std::to_string(slot_ctx_) +
+                             " tokens per request (shorten the prompt or raise the context)");
+    Request req{next_id_++, {}, params, std::chrono::steady_clock::now()};
+    for (int r = 0; r < kRoles; ++r)
+        if (use_role[r]) req.prompts[r] = *prompts[r];
+    req.params.speculative = Speculative::Off;  // see the header
+    queue_.push_back(std::move(req));
+    return queue_.back().id;
+}
+
+void Scheduler::cancel(long id) {
+    Lease::Scope use(lease_, "this scheduler");
+    for (auto it = queue_.begin(); it != queue_.end(); ++it)
+        if (it->id == id) {
+            queue_.erase(it);
+            return;
+        }
+    for (Slot& s : slots_)
+        if (s.id == id) {
+            s.id = -1;
+            s.decoder.reset();
+        }
+}
+
+void Scheduler::admit() {
+    while (!queue_.empty()) {
+        Request& r = queue_.front();
+        // the free slot whose sequence shares the longest prefix with the prompt (a chat's next turn)
+        const int role = r.prompts[kBase].empty() ? kGuide : kBase;
+        int best = -1;
+        size_t best_common = 0;
+        for (int i = 0; i < n_slots(); ++i) {
+            if (slots_[i].id >= 0) continue;
+            const size_t common = common_prefix(models_[role]->tokens(i), r.prompts[role]);
+            if (best < 0 || common > best_common) {
+                best = i;
+                best_common = common;
+            }
+        }
+        if (best < 0) return;
+        start(slots_[best], best, std::move(r));
+        queue_.pop_front();
+    }
+}
+
+void Scheduler::start(Slot& s, int seq, Request&& r) {
+    const Method m = r.params.policy.method;
+    const bool bridged = engine_.bridged();
+    s.id = r.id;
+    s.queued = r.queued;
+    s.started = false;
+    s.use[kBase] = uses_base(m);
+    s.use[kGuide] = uses_guide(m);
+    s.use[kAnti] = uses_anti(m);
+    s.decoder = std::make_unique<Decoder>(r.params, *engine_.facts_, r.params.sampling.seed, bridged);
+    s.unmatched = 0;
+    if (bridged && s.use[kGuide]) {
+        s.guide_prompt = r.prompts[kGuide];
+        if (!s.retokenizer) s.retokenizer = std::make_unique<Retokenizer>(*models_[kGuide]);
+        s.retokenizer->reset();
+    }
+    for (int k = 0; k < kRoles; ++k) {
+        s.fresh[k] = false;
+        s.prompt[k] = s.reused[k] = 0;
+        s.target[k].clear();
+        if (!models_[k]) continue;
+        s.calls0[k] = models_[k]->decode_calls();
+        s.tokens0[k] = models_[k]->decoded_tokens();
+        if (!s.use[k]) continue;
+        s.target[k] = std::move(r.prompts[k]);
+        s.prompt[k] = static_cast<long>(s.target[k].size());
+        const size_t common = common_prefix(models_[k]->tokens(seq), s.target[k]);
+        const bool current = common == s.target[k].size() && models_[k]->logits_after(seq, common);
+        s.reused[k] = static_cast<long>(std::min(common, s.target[k].size() - (current ? 0 : 1)));
+    }
+}
+
+void Scheduler::fetch(int r, const std::vector<int>& which) {
+    Model* model = models_[r];
+    if (!model || which.empty()) return;
+    const bool bridged = r == kGuide && engine_.bridged();
+    std::vector<Model::SyncRequest> requests;
+    std::vector<int> owner;
+    for (int i : which) {
+        Slot& s = slots_[i];
+        if (s.fresh[r]) continue;
+        if (bridged) {  // the guide reads the text so far through its own tokenizer (see Engine::guide_logits)
+            const Decoder& d = *s.decoder;
+            const std::vector<Token>& read = s.retokenizer->tokens(d.text(), d.readable_text());
+            if (s.guide_prompt.size() + read.size() > static_cast<size_t>(slot_ctx_))
+                throw ValueError("the guide reads the text as " + std::to_string(read.size()) + " tokens after its " +
+                                 std::to_string(s.guide_prompt.size()) + "-token prompt, which do not fit the context of " +
+                                 std::to_string(slot_ctx_) + " tokens per request");
+            s.target[r] = s.guide_prompt;
+            s.target[r].insert(s.target[r].end(), read.begin(), read.end());
+        }
+        requests.push_back({i, &s.target[r]});
+        owner.push_back(i);
+    }
+    const int nv = model->n_vocab(), n_base = engine_.n_vocab();
+    model->sync_all(requests, [&](size_t k, const float* row) {
+        Slot& s = slots_[owner[k]];
+        if (bridged) {
+            softmax(row, nv, guide_p_.data());
+            s.rows[r].resize(n_base);
+            s.unmatched = engine_.bridge_->map_probs(guide_p_.data(), s.rows[r].data(), n_base);
+        } else {
+            s.rows[r].assign(row, row + nv);
+        }
+        s.fresh[r] = true;
+    });
+}
+
+bool Scheduler::room(Slot& s, Token next) {
+    const bool bridged = engine_.bridged();
+    for (int r = 0; r < kRoles; ++r) {
+        if (!s.use[r] || (r == kGuide && bridged)) continue;
+        if (static_cast<int>(s.target[r].size()) >= slot_ctx_) return false;
+    }
+    if (!bridged || !s.use[kGuide]) return true;
+    return s.retokenizer->fits(s.decoder->text(), engine_.facts_->base->text_piece(next),
+                               static_cast<size_t>(slot_ctx_) - s.guide_prompt.size());
+}
+
+Stats Scheduler::finish(Slot& s) {
+    const Decoder& d = *s.decoder;
+    Stats st;
+    st.tokens = d.tokens();
+    st.interventions = d.interventions();
+    st.capped = d.capped();
+    st.intervention_rate = st.tokens ? static_cast<double>(st.interventions) / st.tokens : 0;
+    st.mean_alpha = d.mean_alpha();
+    st.finish_reason = d.finish_reason();
+    st.warning = d.warning();
+    for (int r = 0; r < kRoles; ++r) {
+        if (!models_[r]) continue;
+        st.prompt_tokens[r] = s.prompt[r];
+        st.reused_tokens[r] = s.reused[r];
+        // the models' decodes while the request ran: shared with the requests batched with it
+        st.decode_calls[r] = models_[r]->decode_calls() - s.calls0[r];
+        st.decoded_tokens[r] = models_[r]->decoded_tokens() - s.tokens0[r];
+    }
+    const auto now = std::chrono::steady_clock::now();
+    st.prefill_s = seconds(s.t_first - s.queued);  // waiting and reading the prompt, to the first token
+    st.generate_s = seconds(now - s.t_first);
+    st.tokens_per_s = st.generate_s > 0 ? (st.tokens - 1) / st.generate_s : 0;
+    s.id = -1;
+    s.decoder.reset();
+    return st;
+}
+
+std::vector<Scheduler::Event> Scheduler::step() {
+    Holding hold;
+    hold.add(lease_, "this scheduler");
+    hold.add(engine_.lease_, "this Blender");
+    for (Model* m : models_)
+        if (m) hold.add(m->lease(), m->name());
+    admit();
+    std::vector<int> live;
+    for (int i = 0; i < n_slots(); ++i)
+        if (slots_[i].id >= 0) live.push_back(i);
+    std::vector<Event> events;
+    if (live.empty()) return events;
+    std::vector<char> consult(n_slots());
+    auto with = [&](const std::vector<int>& from, auto&& keep) {  // the slots of `from` that keep(slot, i)
+        std::vector<int> out;
+        for (int i : from)
+            if (keep(slots_[i], i)) out.push_back(i);
+        return out;
+    };
+    try {
+        for (int r = 0; r < kRoles; ++r)  // the naive loop: every model reads every token
+            fetch(r, with(live, [r](Slot& s, int) { return !s.decoder->params().lazy && s.use[r]; }));
+        // 1. nudged words go on where the guide keeps writing
+        std::vector<int> words = with(live, [](Slot& s, int) { return s.decoder->in_word(); });
+        std::vector<int> rest = with(live, [](Slot& s, int) { return !s.decoder->in_word(); });
+        fetch(kGuide, words);
+        for (int i : words)
+            if (!slots_[i].decoder->continue_word(slots_[i].rows[kGuide].data(), slots_[i].unmatched)) rest.push_back(i);
+        // 2. the gates, from the base's rows
+        fetch(kBase, with(rest, [](Slot& s, int) { return s.use[kBase]; }));
+        for (int i : rest) {
+            Slot& s = slots_[i];
+            consult[i] = s.decoder->gate(s.use[kBase] ? s.rows[kBase].data() : nullptr);
+        }
+        // 3. the guides (and antis) the gates consult, one batch per model
+        fetch(kGuide, with(rest, [&](Slot& s, int i) { return consult[i] && s.use[kGuide] && !s.decoder->guide_read(); }));
+        fetch(kAnti, with(rest, [&](Slot& s, int i) { return consult[i] && s.use[kAnti]; }));
+        for (int i : rest) {
+            Slot& s = slots_[i];
+            const bool read = consult[i] && s.use[kGuide] && !s.decoder->guide_read();
+            s.decoder->decide(read ? s.rows[kGuide].data() : nullptr,
+                              consult[i] && s.use[kAnti] ? s.rows[kAnti].data() : nullptr, s.unmatched);
+        }
+    } catch (const std::exception& e) {
+        // a step that failed halfway leaves its requests undecided: they end here, with the reason
+        for (int i : live) {
+            Event ev{slots_[i].id, Step{}, Stats{}, e.what()};
+            slots_[i].id = -1;
+            slots_[i].decoder.reset();
+            events.push_back(std::move(ev));
+        }
+        return events;
+    }
+    // 4. every request emits its token; the finished leave
+    const auto now = std::chrono::steady_clock::now();
+    const bool bridged = engine_.bridged();
+    for (int i : live) {
+        Slot& s = slots_[i];
+        Decoder& d = *s.decoder;
+        if (!s.started) {
+            s.started = true;
+            s.t_first = now;
+        }
+        Step& st = d.decided();
+        const Token t = st.token;
+        const bool finished = d.emit(st, engine_.facts_->eog[t] || room(s, t));
+        Event ev{s.id, std::move(st), Stats{}, ""};
+        if (finished) {
+            ev.stats = finish(s);
+        } else {
+            for (int r = 0; r < kRoles; ++r) {
+                if (s.use[r] && !(r == kGuide && bridged)) s.target[r].push_back(t);  // a bridged guide follows the text
+                s.fresh[r] = false;
+            }
+        }
+        events.push_back(std::move(ev));
+    }
+    return events;
+}
+
+}  // namespace blendin

@@ -1,0 +1,97 @@
+// Continuous batching: many generations at once on one engine's models, each in its own KV
+// sequence (its slot), all advanced by one token per step with one batched decode per model and
+// phase. Requests wait in a queue (first come, first served) and join at the next step where a
+// slot is free; a finished or cancelled one leaves at once. Each request is a Decoder, exactly as
+// a single generation is, so its tokens are the ones the request would get alone (up to the
+// rounding of batched arithmetic: see the README).
+//
+// One step, as the Engine's plain step but for every active request together:
+//   1. nudged words go on: the guide's rows of the requests inside a word (one guide batch);
+//   2. the gates: the base's rows of the rest (one base batch);
+//   3. the requests whose gate consults the guide: the guide's (and anti's) rows (one batch each),
+//      where a lazy guide catches up on everything it skipped;
+//   4. every request emits its token; the finished leave.
+// A slot keeps what its sequence holds after its request leaves: a request whose prompt extends
+// it (the next turn of a chat) is given that slot and reads only the new tokens.
+#pragma once
+
+#include <chrono>
+#include <deque>
+#include <memory>
+#include <string>
+#include <vector>
+
+#include "engine.h"
+
+namespace blendin {
+
+class Scheduler {
+public:
+    struct Event {
+        long id;
+        Step step;
+        Stats stats;        // of the finished request, when step.finish_reason is set
+        std::string error;  // the step failed for this request, which has ended ("": it did not)
+    };
+
+    // `n_slots` sequences of every model (at most their n_seq_max), each holding at most
+    // `slot_ctx` tokens (the request's context; the models' cells are shared by all slots).
+    Scheduler(Engine& engine, int n_slots, int slot_ctx);
+
+    // Queue a generation; returns its id. Checks the parameters (Engine::check) and that the
+    // prompts fit a slot; speculative verification is not used in a batch (the tokens are the same
+    // for greedy decoding; sampled tokens follow the same distribution from another stream).
+    long add(const std::vector<Token>& base_prompt, const std::vector<Token>& guide_prompt, const GenParams& params);
+    // A waiting or running request leaves now (its slot is free at the next step); unknown ids
+    // (finished already) are ignored.
+    void cancel(long id);
+    // Admit waiting requests to free slots, then decide one token for every running request.
+    std::vector<Event> step();
+
+    int n_slots() const { return static_cast<int>(slots_.size()); }
+    int slot_ctx() const { return slot_ctx_; }
+    int running() const;
+    int waiting() const { return static_cast<int>(queue_.size()); }
+    bool idle() const { return running() == 0 && queue_.empty(); }
+
+private:
+    struct Request {
+        long id;
+        std::vector<Token> prompts[kRoles];
+        GenParams params;
+        std::chrono::steady_clock::time_point queued;
+    };
+    struct Slot {
+        long id = -1;  // the request it runs, -1: free
+        bool use[kRoles] = {};
+        std::unique_ptr<Decoder> decoder;
+        std::vector<Token> target[kRoles];  // what each model is to have read (see Engine::Track)
+        std::vector<float> rows[kRoles];    // the logits after target (a bridged guide: mapped probabilities)
+        bool fresh[kRoles] = {};            // rows[r] is current for target[r]
+        std::vector<Token> guide_prompt;
+        std::unique_ptr<Retokenizer> retokenizer;  // a bridged guide reads the text through it
+        float unmatched = 0;
+        long prompt[kRoles] = {}, reused[kRoles] = {};
+        long long calls0[kRoles] = {}, tokens0[kRoles] = {};
+        std::chrono::steady_clock::time_point queued, t_first;
+        bool started = false;  // its first token was decided
+    };
+
+    void admit();
+    void start(Slot& slot, int seq, Request&& r);
+    // Bring model r of the given slots up to their targets (one batched decode) and copy the rows.
+    void fetch(int r, const std::vector<int>& slots);
+    bool room(Slot& slot, Token next);
+    Stats finish(Slot& slot);
+
+    Engine& engine_;
+    Model* models_[kRoles] = {};
+    int slot_ctx_;
+    std::vector<Slot> slots_;  // slot i is sequence i of every model
+    std::deque<Request> queue_;
+    long next_id_ = 1;
+    std::vector<float> guide_p_;
+    mutable Lease lease_;
+};
+
+}  // namespace blendin
