@@ -132,6 +132,21 @@ async def idle_latency(url: str, args) -> list[float]:
         return [(await ask(c, b))[2] for b in shorts]
 
 
+def batch_costs(pair: str, threads: int) -> dict[str, list[float]]:
+    """What batching can gain at most: each model's decode of k rows (one token for each of k
+    sequences) against one row, measured here (`Model.decode_seconds`)."""
+    import blendin_cpp as bc
+    from blendin_cpp import real_models
+    p = real_models.PAIRS[pair]
+    out = {}
+    for name in (p.base, p.guide):
+        m = bc.Model(str(real_models.fetch(name)), n_ctx=512, n_threads=threads)
+        one = m._handle.decode_seconds(1)
+        out[name] = [m._handle.decode_seconds(k) / one for k in (2, 4, 8)]
+        del m
+    return out
+
+
 def main() -> int:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--pair", default="real", help="a named pair (python -m blendin_cpp models list)")
@@ -148,6 +163,10 @@ def main() -> int:
     counts = [int(x) for x in args.clients.split(",")]
     bodies = [body(q, args.max_tokens) for q in questions(args.requests)]
     rows, first = [], None
+    costs = batch_costs(args.pair, args.threads)
+    for name, c in costs.items():
+        print(f"{name}: a decode of 2, 4, 8 rows costs {c[0]:.2f}x, {c[1]:.2f}x, {c[2]:.2f}x one row "
+              f"(so batching 8 can gain at most {8 / c[2]:.2f}x on it)", flush=True)
     print(f"pair {args.pair}, method {args.method}, {args.requests} chat requests of {args.max_tokens} tokens, "
           f"--ctx {args.ctx}, {args.threads} threads", flush=True)
     print(f"{'clients':>8} {'tok/s':>8} {'x one at a time':>16} {'p50 s':>7} {'p95 s':>7} {'same answers':>13} "
@@ -174,7 +193,7 @@ def main() -> int:
         label = "alone on an idle server" if k == "idle" else f"--parallel {k.split()[1]}"
         print(f"  {label:<24} p50 {statistics.median(xs):6.2f} s   p95 {percentile(xs, 0.95):6.2f} s", flush=True)
     if args.json:
-        Path(args.json).write_text(json.dumps({"args": vars(args), "rows": rows, "fairness": fair}, indent=1))
+        Path(args.json).write_text(json.dumps({"args": vars(args), "batch_costs": costs, "rows": rows, "fairness": fair}, indent=1))
     return 0
 
 

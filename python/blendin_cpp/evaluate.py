@@ -289,8 +289,9 @@ def add_parser(sub) -> None:
     p.add_argument("--limit", type=int, default=None, help="only the first N questions")
     p.add_argument("--gamma", type=float, default=0.4)
     p.add_argument("--max-tokens", type=int, default=48)
-    p.add_argument("--parallel", type=int, default=8,
-                   help="questions decoded together (default 8: on a CPU a batch of 8 rows costs about 3x one row); "
+    p.add_argument("--parallel", type=int, default=4,
+                   help="questions decoded together (default 4: on 2 CPU cores a batch of 4 rows costs 2.3-3x one "
+                        "row, one of 8 rows 3.9-5.9x, so 4 gains most); "
                         "each gets --ctx tokens of context (512 for the demo pairs)")
     p.add_argument("--json", help="also write the results here")
     p.set_defaults(func=cmd_eval)

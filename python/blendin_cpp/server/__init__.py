@@ -43,9 +43,9 @@ def add_parser(subparsers) -> None:
     s.add_argument("--max-tokens-limit", type=int, default=4096, help="largest max_tokens a request may ask for")
     s.add_argument("--max-queue", type=int, default=64, help="requests that may wait; more get 503")
     s.add_argument("--parallel", type=int, default=4, metavar="N",
-                   help="requests decoded together, each with --ctx tokens of context (default 4: on a CPU a "
-                        "batch of 8 rows costs about 3x one row, so 4 already gains most of what batching can; "
-                        "each slot adds --ctx KV cells per model)")
+                   help="requests decoded together, each with --ctx tokens of context (default 4: on 2 CPU "
+                        "cores a batch of 4 rows costs 2.3-3x one row and one of 8 rows 3.9-5.9x, so 4 gains "
+                        "most of what batching can; each slot adds --ctx KV cells per model)")
     s.add_argument("--n-seq", type=int, default=4, help="parallel sequences per model, for n / best_of requests")
     s.add_argument("--timeout-request", type=float, default=30.0, metavar="SECONDS",
                    help="a request's head and body must arrive within this time of the connection (or of the "
