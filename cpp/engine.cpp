@@ -551,19 +551,21 @@ void Engine::speculate(int k) {
     draft_len_ = accepted == k ? std::min(2 * draft_len_, p.draft_max) : std::max(1, accepted + 1);
 }
 
+Stats decoder_stats(const Decoder& d) {
+    Stats s;
+    s.tokens = d.tokens();
+    s.interventions = d.interventions();
+    s.capped = d.capped();
+    s.intervention_rate = s.tokens ? static_cast<double>(s.interventions) / s.tokens : 0;
+    s.mean_alpha = d.mean_alpha();
+    s.finish_reason = d.finish_reason();
+    s.warning = d.warning();
+    return s;
+}
+
 Stats Engine::stats() const {
     Lease::Read read(lease_, kEngineName);
-    Stats s;
-    if (decoder_) {
-        const Decoder& d = *decoder_;
-        s.tokens = d.tokens();
-        s.interventions = d.interventions();
-        s.capped = d.capped();
-        s.intervention_rate = s.tokens ? static_cast<double>(s.interventions) / s.tokens : 0;
-        s.mean_alpha = d.mean_alpha();
-        s.finish_reason = d.finish_reason();
-        s.warning = d.warning();
-    }
+    Stats s = decoder_ ? decoder_stats(*decoder_) : Stats{};
     s.drafted = drafted_;
     s.accepted = accepted_;
     s.acceptance_rate = drafted_ ? static_cast<double>(accepted_) / drafted_ : 0;

@@ -29,6 +29,8 @@ struct Stats {
     double prefill_s = 0, generate_s = 0, tokens_per_s = 0;
     std::string finish_reason, warning;
 };
+// A sequence's own counts (tokens, interventions, alpha, finish reason, warning), from its decoder.
+Stats decoder_stats(const Decoder& d);
 
 class Engine {
 public:

@@ -175,15 +175,7 @@ bool Scheduler::room(Slot& s, Token next) {
 }
 
 Stats Scheduler::finish(Slot& s) {
-    const Decoder& d = *s.decoder;
-    Stats st;
-    st.tokens = d.tokens();
-    st.interventions = d.interventions();
-    st.capped = d.capped();
-    st.intervention_rate = st.tokens ? static_cast<double>(st.interventions) / st.tokens : 0;
-    st.mean_alpha = d.mean_alpha();
-    st.finish_reason = d.finish_reason();
-    st.warning = d.warning();
+    Stats st = decoder_stats(*s.decoder);
     for (int r = 0; r < kRoles; ++r) {
         if (!models_[r]) continue;
         st.prompt_tokens[r] = s.prompt[r];

@@ -37,14 +37,7 @@ class Run:
 
     # --- the engine thread's side -------------------------------------------------------------------
     def _admit(self, error: BaseException | None) -> None:
-        def settle():
-            if self.admitted.done():
-                return
-            if error is None:
-                self.admitted.set_result(None)
-            else:
-                self.admitted.set_exception(error)
-        self.loop.call_soon_threadsafe(settle)
+        _settle(self.loop, self.admitted, None, error)
 
     def _push(self, item) -> None:
         _deliver([(self, item)])
@@ -84,6 +77,19 @@ class Run:
             self.batcher._cancel(self)
 
 
+def _settle(loop, future: asyncio.Future, result, error: BaseException | None) -> None:
+    """From the engine thread: give `future` its result or exception on its event loop (unless a
+    client that went away has cancelled it)."""
+    def settle():
+        if future.done():
+            return
+        if error is None:
+            future.set_result(result)
+        else:
+            future.set_exception(error)
+    loop.call_soon_threadsafe(settle)
+
+
 def _deliver(items: list[tuple[Run, object]]) -> None:
     """Hand items to their runs' queues: one wake-up of each event loop for all of them."""
     by_loop: dict = {}
@@ -108,15 +114,7 @@ class _Job:
             result, error = self.fn(), None
         except BaseException as e:  # delivered to the request that asked
             result, error = None, e
-
-        def settle():
-            if self.future.done():
-                return
-            if error is None:
-                self.future.set_result(result)
-            else:
-                self.future.set_exception(error)
-        self.loop.call_soon_threadsafe(settle)
+        _settle(self.loop, self.future, result, error)
 
 
 class Batcher:
