@@ -358,6 +358,7 @@ def test_server_av_scales(files):
             bad = await c.post("/v1/completions", json={"prompt": "Hello there", "av_scales": {"nope": 1.0}})
             return on, off, bad
     on, off, bad = asyncio.run(go())
+    server.close()
     assert on.json()["choices"][0]["text"] == want
     assert off.json()["choices"][0]["text"] != want and m.adapter_scales() == [0.0]
     assert bad.status_code == 400 and bad.json()["error"]["param"] == "av_scales"

@@ -340,6 +340,7 @@ def test_best_of_on_the_cross_vocabulary_pair(real):
             return await c.post("/v1/completions", json=body, timeout=300)
 
     r = asyncio.run(main())
+    server.close()
     assert r.status_code == 200, r.text
     cands = bon.generate_candidates(blender, body["prompt"], 2, seed=1, max_tokens=24, temperature=1.0)
     assert any(t >= blender.guide.n_vocab for c in cands for t in c.tokens)

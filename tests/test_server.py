@@ -152,6 +152,26 @@ def test_models_and_health(server):
                                                    "parallel": 4}
 
 
+def test_ctrl_c_stops_the_server_cleanly(model_dir, tmp_path):
+    """Ctrl-C (SIGINT) while a stream runs: the server finishes, exits 0 and frees its models itself
+    (the engine thread ends first), so nothing is left for the interpreter's exit to report."""
+    port = load_server.free_port()
+    log = tmp_path / "server.log"
+    proc = load_server.start_server(load_server.generated_model_args(model_dir), port=port, log_path=str(log),
+                                    extra=["--log-level", "info"])
+    try:
+        with httpx.stream("POST", f"http://127.0.0.1:{port}/v1/completions", timeout=30,
+                          json={"prompt": "Hello", "max_tokens": 200, "stream": True}) as r:
+            next(r.iter_lines())  # generating now
+            proc.send_signal(signal.SIGINT)
+        assert proc.wait(30) == 0, log.read_text()[-2000:]
+    finally:
+        if proc.poll() is None:
+            proc.kill()
+    text = log.read_text()
+    assert "Finished server process" in text and "leaked" not in text, text[-2000:]
+
+
 # ---- concurrency ----------------------------------------------------------------------------------
 def test_load_32_clients(server):
     rep = asyncio.run(load_server.run_load(server, clients=32, per_client=3, hang_ups=4, api_key=KEY, timeout_s=240))
@@ -318,6 +338,7 @@ def test_queue_limit(model_dir):
             return refused.result(), await asyncio.gather(*sent)
 
     refused, responses = asyncio.run(main())
+    server.close()
     assert refused.status_code == 503 and refused.json()["error"]["code"] == "server_busy"
     assert sorted(r.status_code for r in responses) == [200, 200, 503]
 
@@ -351,6 +372,7 @@ def test_requests_run_in_arrival_order(model_dir):
             await asyncio.wait_for(asyncio.gather(*tasks), 30)
 
     asyncio.run(main())
+    server.close()
     assert finished == list(range(6))
 
 

@@ -326,6 +326,7 @@ def test_echo_with_a_bridged_guide_equals_blender_score():
             return (await c.post(COMPLETIONS, json={"prompt": text, "echo": True, "logprobs": 1, "max_tokens": 1,
                                                     "method": "ensemble"})).json()
     lp = asyncio.run(main())["choices"][0]["logprobs"]
+    server.close()
     ids = blender.base.tokenize(text)
     want = blender.score(ids[:1], ids[1:], template=False, method="ensemble")
     np.testing.assert_allclose(lp["token_logprobs"][1:len(ids)], want.logprobs, atol=1e-4, rtol=0)

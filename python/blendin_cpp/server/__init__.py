@@ -76,7 +76,10 @@ def cmd_serve(args) -> int:
     kv = sum(m.kv_mib for m in blender._models())
     print(f"{args.parallel} requests at once, {server.n_ctx} tokens of context each; KV cache {kv:.1f} MiB "
           f"({kv / args.parallel:.1f} MiB per slot)", file=sys.stderr, flush=True)
-    uvicorn.run(create_app(server), host=args.host, port=args.port, log_level=args.log_level,
-                http=protocol(args.timeout_request), timeout_keep_alive=args.timeout_keep_alive,
-                timeout_graceful_shutdown=5)
+    try:
+        uvicorn.run(create_app(server), host=args.host, port=args.port, log_level=args.log_level,
+                    http=protocol(args.timeout_request), timeout_keep_alive=args.timeout_keep_alive,
+                    timeout_graceful_shutdown=5)
+    finally:
+        server.close()  # so that the models are freed here, not left to the interpreter's exit
     return 0

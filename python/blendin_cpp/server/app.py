@@ -42,6 +42,10 @@ class Server:
             if m is not None:
                 m._vocab_text  # what refuses a prompt too long to tokenize, read now rather than on a request
 
+    def close(self) -> None:
+        """End the engine thread (after its current step): it holds the models until then."""
+        self.batcher.close()
+
     # --- request handling ----------------------------------------------------------------------
     def check_key(self, request) -> None:
         if self.api_key is None:
