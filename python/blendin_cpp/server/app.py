@@ -27,7 +27,7 @@ MAX_BODY_BYTES = 1 << 20
 
 
 class Server:
-    """The server's state: the Blender and its slot, the request defaults, the limits."""
+    """The server's state: the Blender and the batcher that runs it, the request defaults, the limits."""
 
     def __init__(self, blender: Blender, *, model_id: str, defaults: dict, api_key: str | None = None,
                  max_tokens_limit: int = 4096, max_queue: int = 64, parallel: int = 1):
