@@ -296,6 +296,25 @@ NB_MODULE(_core, m) {
         .def_rw("warn_intervention_rate", &GenParams::warn_intervention_rate)
         .def_rw("top_logprobs", &GenParams::top_logprobs)
         .def_rw("ignore_eos", &GenParams::ignore_eos)
+        // the repetition controls (penalties.h)
+        .def_prop_rw("presence_penalty", [](const GenParams& p) { return p.repeat.presence_penalty; },
+                     [](GenParams& p, float v) { p.repeat.presence_penalty = v; })
+        .def_prop_rw("frequency_penalty", [](const GenParams& p) { return p.repeat.frequency_penalty; },
+                     [](GenParams& p, float v) { p.repeat.frequency_penalty = v; })
+        .def_prop_rw("repeat_penalty", [](const GenParams& p) { return p.repeat.repeat_penalty; },
+                     [](GenParams& p, float v) { p.repeat.repeat_penalty = v; })
+        .def_prop_rw("repeat_last_n", [](const GenParams& p) { return p.repeat.repeat_last_n; },
+                     [](GenParams& p, int v) { p.repeat.repeat_last_n = v; })
+        .def_prop_rw("dry_multiplier", [](const GenParams& p) { return p.repeat.dry_multiplier; },
+                     [](GenParams& p, float v) { p.repeat.dry_multiplier = v; })
+        .def_prop_rw("dry_base", [](const GenParams& p) { return p.repeat.dry_base; },
+                     [](GenParams& p, float v) { p.repeat.dry_base = v; })
+        .def_prop_rw("dry_allowed_length", [](const GenParams& p) { return p.repeat.dry_allowed_length; },
+                     [](GenParams& p, int v) { p.repeat.dry_allowed_length = v; })
+        .def_prop_rw("dry_sequence_breakers", [](const GenParams& p) { return p.repeat.dry_sequence_breakers; },
+                     [](GenParams& p, std::vector<std::string> v) { p.repeat.dry_sequence_breakers = std::move(v); })
+        .def_prop_rw("loop_gate", [](const GenParams& p) { return p.repeat.loop_gate; },
+                     [](GenParams& p, int v) { p.repeat.loop_gate = v; })
         .def("validate", [](const GenParams& p) { blendin::validate(p); });
 
     nb::class_<blendin::Step>(m, "Step",
@@ -308,6 +327,8 @@ NB_MODULE(_core, m) {
         .def_prop_ro("source", [](const blendin::Step& s) { return blendin::source_name(s.info.source); })
         .def_prop_ro("intervened", [](const blendin::Step& s) { return s.info.intervened; })
         .def_prop_ro("capped", [](const blendin::Step& s) { return s.info.capped; })
+        .def_prop_ro("looped", [](const blendin::Step& s) { return s.info.looped; },
+                     "the loop-aware gate consulted the guide (the base's top token would repeat an n-gram)")
         .def_prop_ro("pb_max", [](const blendin::Step& s) { return maybe(s.info.pb_max); })
         .def_prop_ro("pg_max", [](const blendin::Step& s) { return maybe(s.info.pg_max); })
         .def_prop_ro("alpha", [](const blendin::Step& s) { return maybe(s.info.alpha); })
@@ -328,7 +349,7 @@ NB_MODULE(_core, m) {
         .def("as_dict", [](nb::handle self) {
             nb::dict d;
             for (const char* name : {"token", "text", "source", "pb_max", "pg_max", "alpha", "agree", "overlap",
-                                     "intervened", "finish_reason", "logprob", "top_logprobs", "guide_rank",
+                                     "intervened", "looped", "finish_reason", "logprob", "top_logprobs", "guide_rank",
                                      "mass_above", "unmatched"})
                 d[name] = self.attr(name);
             return d;

@@ -3,6 +3,7 @@
 #include <algorithm>
 #include <cctype>
 #include <cmath>
+#include <cstdlib>
 
 #include "error.h"
 #include "text.h"
@@ -31,6 +32,7 @@ Decoder::Decoder(const GenParams& params, const TokenFacts& facts, uint64_t seed
           s.seed = seed;
           return s;
       }()),
+      penalties_(params.repeat, static_cast<int>(facts.eog.size()), [&](Token t) { return facts.base->text_piece(t); }),
       bridged_(bridged) {
     for (const auto& s : params.stop) longest_stop_ = std::max(longest_stop_, s.size());
 }
@@ -48,6 +50,13 @@ const std::vector<float>& Decoder::without_eog(const std::vector<float>& p) {
     if (!(sum > 0)) throw Error("ignore_eos: the policy gives all its probability to end tokens");
     for (auto& x : no_eog_) x = static_cast<float>(x / sum);
     return no_eog_;
+}
+
+const float* Decoder::penalize(const float* row, std::vector<float>& buf, bool probs) const {
+    if (!row || !penalties_.active() || std::getenv("BLENDIN_PENALIZE_FINAL")) return row;  // MEASURE-ONLY
+    buf.assign(row, row + facts_.eog.size());
+    penalties_.apply(buf.data(), static_cast<int>(buf.size()), probs);
+    return buf.data();
 }
 
 Token Decoder::pick(const std::vector<float>& p) {
@@ -74,7 +83,7 @@ bool Decoder::in_word() {
 
 bool Decoder::continue_word(const float* lg, float unmatched) {
     policy_.gate(nullptr, tokens_, interventions_, info_);
-    policy_.read_guide(lg, bridged_);
+    policy_.read_guide(penalize(lg, guide_row_, bridged_), bridged_);
     guide_read_ = true;
     const auto& p = without_eog(policy_.combine(true, nullptr, info_));
     info_.unmatched = unmatched;
@@ -88,17 +97,26 @@ bool Decoder::continue_word(const float* lg, float unmatched) {
 }
 
 bool Decoder::gate(const float* lb) {
-    consult_ = policy_.gate(lb, tokens_, interventions_, info_) && !(lb && guide_blocked());
+    const Penalties* loops = params_.repeat.loop_gate > 0 ? &penalties_ : nullptr;
+    consult_ = policy_.gate(penalize(lb, base_row_), tokens_, interventions_, info_, loops) && !(lb && guide_blocked());
     return consult_;
 }
 
 void Decoder::decide(const float* lg, const float* la, float unmatched) {
     if (consult_ && lg) {
-        policy_.read_guide(lg, bridged_);
+        policy_.read_guide(penalize(lg, guide_row_, bridged_), bridged_);
         guide_read_ = true;
     }
     BLENDIN_CHECK(!consult_ || guide_read_);
-    const auto& p = without_eog(policy_.combine(consult_, la, info_));
+    const auto* pp = &without_eog(policy_.combine(consult_, la, info_));
+    if (std::getenv("BLENDIN_PENALIZE_FINAL") && penalties_.active()) {  // MEASURE-ONLY
+        target_ = *pp;
+        penalties_.apply(target_.data(), (int)target_.size(), true);
+        double sum = 0; for (float x : target_) sum += x;
+        for (auto& x : target_) x = (float)(x / sum);
+        pp = &target_;
+    }
+    const auto& p = *pp;
     if (consult_) info_.unmatched = unmatched;
     const Token t = pick(p);
     in_word_ = params_.policy.method == Method::NudgingWord && info_.intervened;
@@ -106,7 +124,7 @@ void Decoder::decide(const float* lg, const float* la, float unmatched) {
 }
 
 bool Decoder::verify(const float* lg, const float* la, Token draft, const float* q, Step& out) {
-    if (consult_) policy_.read_guide(lg, bridged_);
+    if (consult_) policy_.read_guide(penalize(lg, guide_row_, bridged_), bridged_);
     const auto& p = without_eog(policy_.combine(consult_, consult_ ? la : nullptr, info_));
     const int n = static_cast<int>(p.size());
     Token choice = draft;
@@ -124,7 +142,9 @@ bool Decoder::verify(const float* lg, const float* la, Token draft, const float*
     return accept;
 }
 
-void Decoder::count(const StepInfo& info) {
+void Decoder::count(const Step& step) {
+    const StepInfo& info = step.info;
+    penalties_.push(step.token);
     ++tokens_;
     if (info.intervened) ++interventions_;
     if (info.capped) ++capped_;
@@ -135,12 +155,12 @@ void Decoder::count(const StepInfo& info) {
 }
 
 void Decoder::follow(const Step& step) {
-    count(step.info);
+    count(step);
     text_ += facts_.base->text_piece(step.token);  // nothing for an end token
 }
 
 bool Decoder::emit(Step& step, bool room) {
-    count(step.info);
+    count(step);
     if (facts_.eog[step.token]) {
         finish("stop", step);
         return true;

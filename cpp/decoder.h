@@ -18,6 +18,7 @@
 
 #include "model.h"
 #include "params.h"
+#include "penalties.h"
 #include "policy.h"
 #include "sampler.h"
 
@@ -109,7 +110,10 @@ private:
     const std::vector<float>& without_eog(const std::vector<float>& p);  // for ignore_eos
     void finalize(Token t, const std::vector<float>& p, Step& out);
     Token pick(const std::vector<float>& p);  // the forced token, or the sampler's
-    void count(const StepInfo& info);         // a decided token in the counters
+    void count(const Step& step);             // a decided token in the counters and the penalties' answer
+    // A model's row with the repetition controls applied (a copy in `buf`), or the row itself
+    // when none is on. `probs`: a bridged guide's probabilities.
+    const float* penalize(const float* row, std::vector<float>& buf, bool probs = false) const;
     bool guide_blocked() const { return bridged_ && readable_text() != text_.size(); }
     void release(Step& out, bool all);
     void finish(const std::string& reason, Step& step);
@@ -118,11 +122,12 @@ private:
     const TokenFacts& facts_;
     Policy policy_;
     Sampler sampler_;
+    Penalties penalties_;
     bool bridged_;
     bool in_word_ = false, consult_ = false, guide_read_ = false;
     StepInfo info_;
     Step step_;
-    std::vector<float> no_eog_, target_;
+    std::vector<float> no_eog_, target_, base_row_, guide_row_;
     Token forced_ = -1;
     long tokens_ = 0, interventions_ = 0, capped_ = 0, n_alpha_ = 0;
     double alpha_sum_ = 0;

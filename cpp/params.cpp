@@ -54,6 +54,14 @@ const std::vector<Range>& param_ranges() {
         {"top_logprobs", 0, 100, false, false, true},
         {"draft_max", 1, 64, false, false, true},
         {"warn_intervention_rate", 0, 1, false, false, false},
+        {"presence_penalty", -2, 2, false, false, false},  // OpenAI's range
+        {"frequency_penalty", -2, 2, false, false, false},
+        {"repeat_penalty", 0, 10, true, false, false},
+        {"repeat_last_n", -1, kInf, false, true, true},
+        {"dry_multiplier", 0, 100, false, false, false},
+        {"dry_base", 1, 100, false, false, false},
+        {"dry_allowed_length", 0, kInf, false, true, true},
+        {"loop_gate", 0, 64, false, false, true},
     };
     return ranges;
 }
@@ -92,6 +100,17 @@ void validate(const GenParams& p) {
     check("warn_intervention_rate", p.warn_intervention_rate);
     for (const auto& stop : p.stop)
         if (stop.empty()) throw ValueError("stop strings must not be empty");
+    const RepeatParams& r = p.repeat;
+    check("presence_penalty", r.presence_penalty);
+    check("frequency_penalty", r.frequency_penalty);
+    check("repeat_penalty", r.repeat_penalty);
+    check("repeat_last_n", r.repeat_last_n);
+    check("dry_multiplier", r.dry_multiplier);
+    check("dry_base", r.dry_base);
+    check("dry_allowed_length", r.dry_allowed_length);
+    check("loop_gate", r.loop_gate);
+    for (const auto& b : r.dry_sequence_breakers)
+        if (b.empty()) throw ValueError("dry_sequence_breakers must not hold an empty string");
 }
 
 }  // namespace blendin

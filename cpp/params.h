@@ -33,6 +33,20 @@ struct SamplingParams {
     uint64_t seed = 0;
 };
 
+// Repetition controls (penalties.h has the formulas). The defaults change nothing.
+struct RepeatParams {
+    float presence_penalty = 0, frequency_penalty = 0;  // OpenAI's
+    float repeat_penalty = 1;                           // llama.cpp's (1 = off)
+    int repeat_last_n = 64;                             // its window (-1: the whole answer)
+    float dry_multiplier = 0;                           // DRY (0 = off)
+    float dry_base = 1.75f;
+    int dry_allowed_length = 2;
+    std::vector<std::string> dry_sequence_breakers = {"\n", ":", "\"", "*"};
+    // The loop-aware gate: where the base's top token would complete an n-gram of this length that
+    // the answer already holds, the guide is consulted and trusted (0 = off).
+    int loop_gate = 0;
+};
+
 // How speculative verification is chosen: never, always, or where it is measured to pay.
 enum class Speculative { Off, On, Auto };
 // Who writes the drafts: the guide, or n-gram lookup in the context (prompt lookup, free).
@@ -41,6 +55,7 @@ enum class Drafter { Guide, NGram };
 struct GenParams {
     PolicyParams policy;
     SamplingParams sampling;
+    RepeatParams repeat;
     int max_tokens = 256;
     std::vector<std::string> stop;     // stop strings (not included in the text)
     bool lazy = true;                  // false: the naive loop, every model decodes every token

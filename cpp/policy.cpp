@@ -33,7 +33,7 @@ bool Policy::within_cap(long tokens, long interventions) const {
     return interventions + 1 <= params_.max_intervention_rate * static_cast<double>(tokens + 1);
 }
 
-bool Policy::gate(const float* base_logits, long tokens, long interventions, StepInfo& info) {
+bool Policy::gate(const float* base_logits, long tokens, long interventions, StepInfo& info, const Penalties* loops) {
     info = StepInfo{};
     info.pg_max = info.agree = info.overlap = info.mass_above = info.unmatched = kNaN;
     lb_ = base_logits;
@@ -46,7 +46,10 @@ bool Policy::gate(const float* base_logits, long tokens, long interventions, Ste
     info.pb_max = peak_b_.value;
     if (params_.method == Method::Base) return false;
     if (!gated()) return true;  // guide, ensemble, proxy, dera use the guide at every step
-    if (!(peak_b_.value < params_.gamma)) return false;
+    if (!(peak_b_.value < params_.gamma)) {
+        if (!loops || !loops->would_loop(peak_b_.index)) return false;
+        info.looped = true;
+    }
     if (!within_cap(tokens, interventions)) {
         info.capped = true;
         return false;
@@ -98,7 +101,7 @@ const std::vector<float>& Policy::combine(bool consulted, const float* la, StepI
         case Method::BlendIn: {
             // BlendIn: p = (1 - alpha) p_b + alpha p_g over the full vocabulary; auto alpha from
             // the two confidences plus an agreement bonus, clipped to [0, 1].
-            float a = params_.alpha;
+            float a = info.looped ? 1.0f : params_.alpha;
             if (a < 0) a = std::clamp(info.pg_max / (info.pb_max + info.pg_max) + 0.1f * info.agree, 0.0f, 1.0f);
             info.alpha = a;
             info.source = Source::Blend;

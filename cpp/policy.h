@@ -6,6 +6,7 @@
 
 #include "distribution.h"
 #include "params.h"
+#include "penalties.h"
 
 namespace blendin {
 
@@ -23,6 +24,7 @@ struct StepInfo {
     Source source = Source::Base;
     bool intervened = false;
     bool capped = false;  // the gate said intervene, the intervention cap said no
+    bool looped = false;  // the loop-aware gate consulted the guide: the base's top token would repeat an n-gram
     float pb_max = 0, pg_max = 0, alpha = 0, agree = 0;
     // With diagnostics on, where the guide was consulted: the top-10 overlap of the two
     // distributions, the rank (1 = top) of the guide's top token in the base distribution and the
@@ -48,7 +50,11 @@ public:
 
     // Phase 1, from the base logits (nullptr when the guide alone writes): computes p_base and
     // decides whether the guide is consulted. `tokens` and `interventions` so far feed the cap.
-    bool gate(const float* base_logits, long tokens, long interventions, StepInfo& info);
+    // `loops` (the answer's penalties, with loop_gate on): a base that is confident but whose top
+    // token would repeat an n-gram of the answer is not reliable there, so the guide is consulted
+    // and, in BlendIn, trusted (alpha 1).
+    bool gate(const float* base_logits, long tokens, long interventions, StepInfo& info,
+              const Penalties* loops = nullptr);
     // Whether one more intervention stays within the cap.
     bool within_cap(long tokens, long interventions) const;
 

@@ -20,7 +20,7 @@ from typing import Callable, Sequence
 import numpy as np
 
 from . import _core
-from .blender import Blender
+from .blender import REPETITION, Blender
 from .model import Model
 from .text import utf8_boundary
 
@@ -58,8 +58,10 @@ def generate_candidates(blender: Blender, prompt, n: int, *, seed: int = 0, guid
     They run as parallel sequences, as many at a time as the models' n_seq_max and context allow."""
     if isinstance(n, bool) or not isinstance(n, int) or n < 1:
         raise ValueError(f"n must be a positive integer, got {n!r}")
+    repetition = {k: settings.pop(k) for k in list(settings) if k in REPETITION}
     params = blender.gen_params(max_tokens=max_tokens, temperature=temperature, top_k=top_k, top_p=top_p,
-                                min_p=min_p, seed=seed, stop=stop, ignore_eos=ignore_eos, settings=settings)
+                                min_p=min_p, seed=seed, stop=stop, ignore_eos=ignore_eos, settings=settings,
+                                **repetition)
     base_tokens, guide_tokens = blender.prompts(prompt, guide_prompt)
     h = lambda m: m._handle if m is not None else None  # noqa: E731
     rows = _core.generate_candidates(blender.base._handle, h(blender.guide), h(blender.anti), base_tokens,
@@ -229,14 +231,14 @@ def _blender(args):
 def cmd_bon(args) -> int:
     import json
     import sys
-    from .options import json_safe
+    from .options import json_safe, repetition_kwargs
 
     blender = _blender(args)
     reward = reward_from_spec(blender, args.reward, args)
     r = best_of_n(blender, args.prompt, n=args.n, reward=reward, calibrate_k=args.calibrate,
                   transform_kind=args.transform, t=args.t, selection=args.select, select_beta=args.select_beta,
                   seed=args.seed, max_tokens=args.max_tokens, temperature=args.temperature, top_k=args.top_k,
-                  top_p=args.top_p, min_p=args.min_p, stop=args.stop)
+                  top_p=args.top_p, min_p=args.min_p, stop=args.stop, **repetition_kwargs(args))
     rows = [{"prompt": args.prompt, "response": c.text, "raw": c.raw, "calibrated": c.calibrated,
              "transformed": c.transformed, "chosen": i == r.chosen} for i, c in enumerate(r.candidates)]
     if args.export_jsonl:

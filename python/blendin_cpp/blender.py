@@ -19,6 +19,11 @@ METHODS = tuple(_core.methods())
 # a generation's numeric parameters and their ranges, as the core checks them
 RANGES = _core.param_ranges()
 SPECULATIVE = ("off", "on", "auto")  # as the core spells them (Python, CLI, JSON and C++ alike)
+# The repetition controls (OpenAI's presence and frequency penalties, llama.cpp's repeat_penalty and
+# DRY, and the loop-aware gate) with the core's defaults, which change nothing.
+REPETITION = {name: getattr(_core.GenParams(), name) for name in (
+    "presence_penalty", "frequency_penalty", "repeat_penalty", "repeat_last_n", "dry_multiplier", "dry_base",
+    "dry_allowed_length", "dry_sequence_breakers", "loop_gate")}
 
 Step = _core.Step
 
@@ -92,7 +97,7 @@ def _integer(name: str, value, *, int32: bool = True) -> int:
 
 # the arguments of a generation that are not blending settings (see `Blender.generate`)
 _SAMPLING = ("max_tokens", "temperature", "top_k", "top_p", "min_p", "seed", "stop", "top_logprobs", "ignore_eos",
-             "diagnostics")
+             "diagnostics", *REPETITION)
 
 
 class Blender:
@@ -283,11 +288,14 @@ class Blender:
         `ignore_eos` gives end tokens probability 0 (generation then ends at max_tokens, a stop
         string or a full context). `diagnostics` adds the vocabulary-sized diagnostics to the
         consulted steps (overlap, guide_rank, mass_above). `settings` override the blender's
-        defaults for this call (method=, gamma=, ...).
+        defaults for this call (method=, gamma=, ...); the repetition controls (REPETITION: presence_penalty,
+        frequency_penalty, repeat_penalty, repeat_last_n, dry_multiplier, dry_base, dry_allowed_length,
+        dry_sequence_breakers, loop_gate) are taken here too.
         Statistics of the finished generation are in `self.last_stats`."""
+        repetition = {k: settings.pop(k) for k in list(settings) if k in REPETITION}
         params = self.gen_params(max_tokens=max_tokens, temperature=temperature, top_k=top_k, top_p=top_p,
                                  min_p=min_p, seed=seed, stop=stop, top_logprobs=top_logprobs, ignore_eos=ignore_eos,
-                                 diagnostics=diagnostics, settings={**self.defaults, **settings})
+                                 diagnostics=diagnostics, settings={**self.defaults, **settings}, **repetition)
         base_tokens, guide_tokens = self.prompts(prompt, guide_prompt)
         run = object()
         with self._turn():
@@ -361,10 +369,12 @@ class Blender:
             self._engine.reset()
 
     def gen_params(self, *, max_tokens=256, temperature=0.0, top_k=0, top_p=1.0, min_p=0.0, seed=0, stop=(),
-                   top_logprobs=0, ignore_eos=False, diagnostics=False, settings=None) -> "_core.GenParams":
+                   top_logprobs=0, ignore_eos=False, diagnostics=False, settings=None,
+                   **repetition) -> "_core.GenParams":
         """The core's parameters of one generation: `settings` (the blending settings; the
-        blender's defaults where absent) and the sampling arguments, converted to the core's
-        types. The core checks the ranges when the generation starts (or at `.validate()`)."""
+        blender's defaults where absent), the sampling arguments and the repetition controls
+        (REPETITION), converted to the core's types. The core checks the ranges when the
+        generation starts (or at `.validate()`)."""
         s = {**self.defaults, **(settings or {})}
         unknown = set(s) - set(self.SETTINGS)
         if unknown:
@@ -408,6 +418,20 @@ class Blender:
         p.top_logprobs = _integer("top_logprobs", top_logprobs)
         p.ignore_eos = bool(ignore_eos)
         p.diagnostics = bool(diagnostics)
+        for name, value in repetition.items():
+            if name not in REPETITION:
+                raise TypeError(f"unknown argument {name!r}")
+            if name == "dry_sequence_breakers":
+                value = [value] if isinstance(value, str) else list(value)
+                if any(not isinstance(x, str) for x in value):
+                    raise TypeError("dry_sequence_breakers must be a string or a list of strings")
+                for x in value:
+                    check_text(name, x)
+            elif isinstance(REPETITION[name], int):
+                value = _integer(name, value)
+            else:
+                value = _number(name, value)
+            setattr(p, name, value)
         return p
 
     def _steps(self, run) -> Iterator[Step]:

@@ -17,7 +17,7 @@ from typing import Iterator
 from . import demo, real_models
 from .options import add_blend_args, add_model_args, blender_from_args, json_safe, parse_alpha, sampling_kwargs
 from ._core import BlendError
-from .blender import METHODS, RANGES, Blender, Step
+from .blender import METHODS, RANGES, REPETITION, Blender, Step
 from .chat_template import base_transcript
 
 # Where base_transcript starts the user's next turn: the base must stop there, not write it.
@@ -30,8 +30,14 @@ DIM = "\x1b[2m"
 # /set NAME VALUE for the blending settings (checked by Blender.configure) ...
 BLEND_SETTINGS = {"gamma": "gamma", "alpha": "alpha", "beta": "beta", "lambda": "lambda_",
                   "max_intervention_rate": "max_intervention_rate"}
-# ... and for sampling; the core checks every value against its ranges before a setting changes
-SAMPLING = ("temperature", "top_p", "top_k", "min_p", "seed", "max_tokens", "ignore_eos")
+# ... and for sampling and the repetition controls; the core checks every value against its
+# ranges before a setting changes
+SAMPLING = ("temperature", "top_p", "top_k", "min_p", "seed", "max_tokens", "ignore_eos", *REPETITION)
+
+# The chat's (and the server's) defaults, chosen by measurement (docs/design.md section 3.6): where
+# they differ from the core's, greedy decoding of small models looped on ordinary requests.
+CHAT_DEFAULTS = {"max_tokens": 256, "temperature": 0.0, "top_k": 0, "top_p": 1.0, "min_p": 0.0,
+                 "dry_multiplier": 0.8, "loop_gate": 4}
 
 
 HELP = """\
@@ -43,8 +49,10 @@ Ctrl+D, or Ctrl+C twice at the prompt, leaves.
   /stats                the last answer's and the session's diagnostics, and the settings
   /set NAME VALUE       change a setting: gamma, alpha (a number or auto), beta, lambda,
                         max_intervention_rate (a number or none), temperature, top_p, top_k,
-                        min_p, seed, max_tokens, ignore_eos; /set av NAME SCALE turns an
-                        Alignment Vector
+                        min_p, seed, max_tokens, ignore_eos; the repetition controls
+                        presence_penalty, frequency_penalty, repeat_penalty, repeat_last_n,
+                        dry_multiplier, dry_base, dry_allowed_length, dry_sequence_breakers
+                        (a JSON list), loop_gate; /set av NAME SCALE turns an Alignment Vector
   /method NAME          switch the method ({methods})
   /system [TEXT]        set the system prompt (without TEXT: remove it)
   /reset                start a new conversation
@@ -175,6 +183,13 @@ class Chat:
                 if text not in ("0", "1"):
                     raise ValueError(f"ignore_eos must be 0 or 1, got {text}")
                 value = text == "1"
+            elif name == "dry_sequence_breakers":
+                try:
+                    value = json.loads(text)
+                except json.JSONDecodeError:
+                    value = None
+                if not isinstance(value, list):
+                    raise ValueError('dry_sequence_breakers takes a JSON list of strings, e.g. ["\\n", ":"]')
             else:
                 value = _number(name, text, int if RANGES[name][4] else float)
             trial = {**self.sampling, name: value}
@@ -446,7 +461,7 @@ def cmd_chat(args) -> int:
 def add_parser(subparsers) -> None:
     p = subparsers.add_parser("chat", help="talk to a base + guide pair in the terminal (default: the demo pair)")
     add_model_args(p)
-    add_blend_args(p)
+    add_blend_args(p, CHAT_DEFAULTS)
     p.add_argument("--system", help="the system prompt")
     p.add_argument("--no-color", action="store_true", help="do not colour tokens by source (also: NO_COLOR, "
                    "or output that is not a terminal)")

@@ -19,6 +19,13 @@ transcript's next "\\nQuestion:", or at --max-tokens. Per method: accuracy, `end
 answers that ended by themselves rather than at --max-tokens), the intervention rate, the mean
 alpha where a mixing weight applies, and tokens/s (all the method's answers over its wall time, with
 --parallel questions decoded together; the answers are the ones asked one by one would get).
+
+With `--requests FILE` (JSONL, one `{"request": ...}` per line: open chat requests such as the
+bundled models/real/chat_requests.jsonl) a `quality` table follows: per method, the share of
+answers that ended by themselves within --quality-max-tokens (256), the share that looped (`looped`:
+a line, or a run of 8 words, that occurs 3 times), the mean length in tokens and the intervention
+rate. `--chat-defaults` asks both sets with the chat's sampling and repetition defaults (seeded,
+so still reproducible) instead of greedy decoding without repetition controls.
 """
 from __future__ import annotations
 
@@ -33,7 +40,7 @@ from . import demo
 from .blender import METHODS, Blender
 from .chat import NEXT_QUESTION
 from .model import Model
-from .options import add_model_args, load_models, pair_of
+from .options import add_model_args, add_repetition_args, load_models, pair_of, repetition_kwargs
 
 # the demo pairs: which guide, and whether the proxy method's anti fits it (the anti is the
 # pretraining stage of the same-vocabulary guides)
@@ -109,6 +116,103 @@ class Cell:
         }
 
 
+def looped(text: str, times: int = 3, words: int = 8) -> bool:
+    """An answer that repeats itself: a non-empty line, or a run of `words` words, that occurs
+    `times` times."""
+    lines = [ln.strip() for ln in text.splitlines() if ln.strip()]
+    if any(lines.count(ln) >= times for ln in set(lines)):
+        return True
+    w = text.split()
+    runs: dict[tuple, int] = {}
+    for i in range(len(w) - words + 1):
+        run = tuple(w[i:i + words])
+        runs[run] = runs.get(run, 0) + 1
+        if runs[run] >= times:
+            return True
+    return False
+
+
+@dataclass
+class QualityCell:
+    """One method on open chat requests: do its answers end, do they loop."""
+    n: int = 0
+    ended: int = 0
+    looped: int = 0
+    tokens: int = 0
+    interventions: int = 0
+    responses: list = field(default_factory=list)
+
+    def add(self, request: str, text: str, stats: dict) -> None:
+        loop = looped(text)
+        self.n += 1
+        self.ended += stats["finish_reason"] == "stop"
+        self.looped += loop
+        self.tokens += stats["tokens"]
+        self.interventions += stats["interventions"]
+        self.responses.append({"request": request, "got": text, "finish_reason": stats["finish_reason"],
+                               "looped": loop, "tokens": stats["tokens"]})
+
+    def row(self) -> dict:
+        n = max(self.n, 1)
+        return {"n": self.n, "ended": self.ended / n, "looped": self.looped / n, "mean_tokens": self.tokens / n,
+                "intervention_rate": self.interventions / self.tokens if self.tokens else 0.0,
+                "responses": self.responses}
+
+
+def load_requests(path: str, limit: int | None) -> list[str]:
+    """The requests of a JSONL file of `{"request": TEXT}` lines."""
+    out = []
+    for i, line in enumerate(Path(path).read_text(encoding="utf-8").splitlines()):
+        if not line.strip():
+            continue
+        try:
+            r = json.loads(line)
+        except json.JSONDecodeError as e:
+            raise ValueError(f"{path}: line {i + 1} is not JSON ({e.msg})") from None
+        if not isinstance(r, dict) or not isinstance(r.get("request"), str) or not r["request"].strip():
+            raise ValueError(f"{path}: line {i + 1} needs 'request' (a non-empty string)")
+        out.append(r["request"])
+    if not out:
+        raise ValueError(f"{path} has no requests")
+    return out[:limit] if limit else out
+
+
+def evaluate_quality(blender: Blender, methods: list[str], requests: list[str], *, max_tokens: int = 256,
+                     sampling: dict | None = None, progress=None, label: str = "",
+                     parallel: int | None = None) -> dict:
+    """{method: quality row} for open chat requests, each asked as one user message, ending at an
+    end token or where the base starts the transcript's next question (as in the chat)."""
+    rows = {}
+    for method in methods:
+        if skip_reason(blender, method):
+            continue
+        cell = QualityCell()
+        done = []
+
+        def finished(i, completion):
+            done.append(i)
+            if progress:
+                progress(label + " quality", method, len(done), len(requests))
+        answers = blender.complete_many([[{"role": "user", "content": r}] for r in requests], parallel=parallel,
+                                        on_done=finished, max_tokens=max_tokens, method=method,
+                                        stop=[NEXT_QUESTION], **(sampling or {}))
+        for r, a in zip(requests, answers):
+            cell.add(r, a.text, a.stats)
+        rows[method] = cell.row()
+    return rows
+
+
+def format_quality(quality: dict) -> str:
+    lines = []
+    for label, rows in quality.items():
+        lines.append(f"quality {label}: open requests")
+        lines.append(f"  {'method':<13} {'ended':>6} {'looped':>7} {'tokens':>7} {'interv.':>8}")
+        for method, r in rows.items():
+            lines.append(f"  {method:<13} {r['ended']:>6.0%} {r['looped']:>7.0%} {r['mean_tokens']:>7.1f} "
+                         f"{r['intervention_rate']:>8.1%}")
+    return "\n".join(lines)
+
+
 def load_questions(path: str | None, limit: int | None, match: str | None = None) -> list[dict]:
     """Rows with `question`, `answers` (a list) and `match`: the row's own rule, else `match`,
     else contains. Default file: the bundled demo held-out set."""
@@ -152,7 +256,7 @@ def skip_reason(blender: Blender, method: str) -> str | None:
 
 def evaluate_pair(blender: Blender, methods: list[str], questions: list[dict], *, max_tokens: int = 48,
                   progress=None, label: str = "", base_cell: Cell | None = None,
-                  parallel: int | None = None) -> tuple[dict, dict, Cell | None]:
+                  parallel: int | None = None, sampling: dict | None = None) -> tuple[dict, dict, Cell | None]:
     """Greedy answers for every method on one pair: ({method: row}, {method: why skipped}, the
     base-alone cell, which does not depend on the guide and can be handed to the next pair). The
     questions of a method are decoded together, `parallel` at a time (`Blender.complete_many`:
@@ -177,7 +281,7 @@ def evaluate_pair(blender: Blender, methods: list[str], questions: list[dict], *
         # the answer ends where the base starts the transcript's next question, as in the chat
         answers = blender.complete_many([[{"role": "user", "content": q["question"]}] for q in questions],
                                         parallel=parallel, on_done=finished, max_tokens=max_tokens, method=method,
-                                        stop=[NEXT_QUESTION])
+                                        stop=[NEXT_QUESTION], **(sampling or {}))
         cell.seconds = time.perf_counter() - t0
         for q, r in zip(questions, answers):
             cell.add(q, r.text, r.stats)
@@ -189,7 +293,7 @@ def evaluate_pair(blender: Blender, methods: list[str], questions: list[dict], *
 
 def evaluate(pairs: list[str], methods: list[str], questions: list[dict], *, gamma: float = 0.4,
              max_tokens: int = 48, n_threads: int | None = None, n_gpu_layers: int | None = None,
-             rpc: str | None = None, progress=None, parallel: int = 1) -> dict:
+             rpc: str | None = None, progress=None, parallel: int = 1, sampling: dict | None = None) -> dict:
     """The demo pairs: {"pairs": {pair: {method: row}}, "skipped": {...}, "models": {...}}."""
     kw = dict(n_ctx=512 * parallel, n_seq_max=parallel, n_threads=n_threads, n_gpu_layers=n_gpu_layers)
     base = Model(demo.demo_path("base"), rpc=rpc, **kw)
@@ -201,7 +305,7 @@ def evaluate(pairs: list[str], methods: list[str], questions: list[dict], *, gam
         blender = Blender(base, guide, anti=anti, gamma=gamma)
         rows, skipped, base_cell = evaluate_pair(blender, methods, questions, max_tokens=max_tokens,
                                                  progress=progress, label=pair, base_cell=base_cell,
-                                                 parallel=parallel)
+                                                 parallel=parallel, sampling=sampling)
         results["pairs"][pair] = rows
         results["skipped"].update({f"{pair}/{m}": why for m, why in skipped.items()})
         results["models"][pair] = {"base": base.path, "guide": guide.path}
@@ -238,6 +342,16 @@ def cmd_eval(args) -> int:
         raise ValueError("--questions FILE.jsonl is needed with --pair or --base/--guide (the bundled set is "
                          "about the demo's made-up world)")
     questions = load_questions(args.questions, args.limit, args.match)
+    requests = load_requests(args.requests, args.limit) if args.requests else None
+    if requests and demo_models:
+        raise ValueError("--requests is for a real pair (--pair or --base/--guide): the demo models know only "
+                         "their made-up world")
+    if args.chat_defaults:
+        from .chat import CHAT_DEFAULTS
+        sampling = {k: v for k, v in CHAT_DEFAULTS.items() if k != "max_tokens"}
+    else:
+        sampling = {}
+    sampling.update(repetition_kwargs(args))
     if args.parallel < 1:
         raise ValueError(f"--parallel must be >= 1, got {args.parallel}")
 
@@ -253,7 +367,7 @@ def cmd_eval(args) -> int:
                 raise ValueError(f"unknown demo pair {p!r}; choose from {', '.join(DEMO_PAIRS)}")
         results = evaluate(pairs, methods, questions, gamma=args.gamma, max_tokens=args.max_tokens,
                            n_threads=args.threads, n_gpu_layers=args.n_gpu_layers, rpc=args.rpc, progress=progress,
-                           parallel=args.parallel)
+                           parallel=args.parallel, sampling=sampling)
     else:
         models = load_models(args, log=sys.stderr, parallel=args.parallel)
         if models["guide"] is None:
@@ -261,15 +375,22 @@ def cmd_eval(args) -> int:
         blender = Blender(models["base"], models["guide"], anti=models["anti"], gamma=args.gamma)
         label = args.pair or "+".join(Path(m.path).stem for m in (models["base"], models["guide"]))
         rows, skipped, _ = evaluate_pair(blender, methods, questions, max_tokens=args.max_tokens, progress=progress,
-                                         label=label, parallel=args.parallel)
+                                         label=label, parallel=args.parallel, sampling=sampling)
         results = {"pairs": {label: rows}, "skipped": {f"{label}/{m}": why for m, why in skipped.items()},
                    "models": {label: {r: m.path for r, m in models.items() if m is not None}}}
+        if requests:
+            results["quality"] = {label: evaluate_quality(blender, methods, requests,
+                                                          max_tokens=args.quality_max_tokens, sampling=sampling,
+                                                          progress=progress, label=label, parallel=args.parallel)}
     results["questions"] = len(questions)
     results["match"] = sorted({q["match"] for q in questions})
     results["gamma"] = args.gamma
     results["max_tokens"] = args.max_tokens
+    results["sampling"] = sampling
     results["seconds"] = time.perf_counter() - t0
     print(format_table(results))
+    if "quality" in results:
+        print(format_quality(results["quality"]))
     if args.json:
         Path(args.json).write_text(json.dumps(results, indent=1, ensure_ascii=False))
         print(f"wrote {args.json}", file=sys.stderr)
@@ -293,5 +414,15 @@ def add_parser(sub) -> None:
                    help="questions decoded together (default 4: on 2 CPU cores a batch of 4 rows costs 2.3-3x one "
                         "row, one of 8 rows 3.9-5.9x, so 4 gains most); "
                         "each gets --ctx tokens of context (512 for the demo pairs)")
+    p.add_argument("--requests", default=None,
+                   help="a JSONL file of open chat requests ({\"request\": ...} per line, e.g. "
+                        "models/real/chat_requests.jsonl): adds the quality table (ended, looped, length)")
+    p.add_argument("--quality-max-tokens", type=int, default=256, help="the answers' budget in the quality table")
+    p.add_argument("--chat-defaults", action="store_true",
+                   help="sample with the chat's defaults (temperature, filters, repetition controls; seeded) "
+                        "instead of greedy decoding without repetition controls")
+    add_repetition_args(p, {name: None for name in ("presence_penalty", "frequency_penalty", "repeat_penalty",
+                                                    "repeat_last_n", "dry_multiplier", "dry_base",
+                                                    "dry_allowed_length", "loop_gate")})
     p.add_argument("--json", help="also write the results here")
     p.set_defaults(func=cmd_eval)

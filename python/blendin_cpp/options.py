@@ -37,8 +37,52 @@ def add_model_args(p: argparse.ArgumentParser) -> None:
                         "(repeatable; the chat's /set av NAME VALUE and the server's av_scales turn it later)")
 
 
-def add_blend_args(p: argparse.ArgumentParser) -> None:
+# The repetition controls' flags (blender.REPETITION names them; the core holds the formulas).
+REPETITION_HELP = {
+    "presence_penalty": "OpenAI's: subtract this from the logit of every token already in the answer (-2..2)",
+    "frequency_penalty": "OpenAI's: subtract this times the token's count in the answer (-2..2)",
+    "repeat_penalty": "llama.cpp's: divide positive logits (multiply negative ones) of tokens among the last "
+                      "--repeat-last-n of the answer by this (1 = off)",
+    "repeat_last_n": "the window of --repeat-penalty, in tokens (-1 = the whole answer, 0 = off)",
+    "dry_multiplier": "DRY (llama.cpp's): penalise a token that would extend a repeated sequence by "
+                      "multiplier * base^(length - allowed length) (0 = off)",
+    "dry_base": "DRY's base",
+    "dry_allowed_length": "DRY: repeated sequences up to this long go unpenalised",
+    "dry_sequence_breakers": "DRY: a token whose text holds this string ends a repeated sequence (repeatable; "
+                             "replaces the default \\n : \" *; 'none' for no breaker)",
+    "loop_gate": "loop-aware gate: where the base's top token would complete an N-token sequence the answer "
+                 "already holds, consult the guide and trust it (0 = off)",
+}
+
+
+def add_repetition_args(p: argparse.ArgumentParser, defaults: dict | None = None) -> None:
+    """--presence-penalty ... --loop-gate, with `defaults` (a command's own) over the core's."""
+    from .blender import REPETITION
+    d = {**REPETITION, **(defaults or {})}
+    g = p.add_argument_group("repetition controls (applied to each model's logits before the blend)")
+    for name, default in REPETITION.items():
+        if name == "dry_sequence_breakers":
+            g.add_argument("--dry-sequence-breaker", dest=name, action="append", default=None, metavar="TEXT",
+                           help=REPETITION_HELP[name])
+            continue
+        kind = int if isinstance(default, int) else float
+        g.add_argument("--" + name.replace("_", "-"), type=kind, default=d[name],
+                       help=f"{REPETITION_HELP[name]} (default {d[name]})")
+
+
+def repetition_kwargs(args) -> dict:
+    from .blender import REPETITION
+    kw = {name: getattr(args, name) for name in REPETITION if getattr(args, name, None) is not None}
+    if kw.get("dry_sequence_breakers") == ["none"]:
+        kw["dry_sequence_breakers"] = []
+    return kw
+
+
+def add_blend_args(p: argparse.ArgumentParser, sampling: dict | None = None) -> None:
+    """The blending, sampling and repetition flags; `sampling`: a command's own defaults (the
+    chat's) over the core's."""
     from .blender import METHODS, SPECULATIVE
+    d = {"max_tokens": 256, "temperature": 0.0, "top_k": 0, "top_p": 1.0, "min_p": 0.0, **(sampling or {})}
     g = p.add_argument_group("blending")
     g.add_argument("--method", default="blendin", choices=METHODS)
     g.add_argument("--gamma", type=float, default=0.4, help="intervene when the base's top probability is below this")
@@ -54,14 +98,15 @@ def add_blend_args(p: argparse.ArgumentParser) -> None:
                    help="who drafts: the guide, or n-gram lookup in the context (free)")
     g.add_argument("--draft-max", type=int, default=8, help="longest speculative draft")
     s = p.add_argument_group("sampling")
-    s.add_argument("--max-tokens", type=int, default=256)
-    s.add_argument("--temperature", type=float, default=0.0, help="0 = greedy")
-    s.add_argument("--top-k", type=int, default=0)
-    s.add_argument("--top-p", type=float, default=1.0)
-    s.add_argument("--min-p", type=float, default=0.0)
+    s.add_argument("--max-tokens", type=int, default=d["max_tokens"], help=f"(default {d['max_tokens']})")
+    s.add_argument("--temperature", type=float, default=d["temperature"], help=f"0 = greedy (default {d['temperature']})")
+    s.add_argument("--top-k", type=int, default=d["top_k"], help=f"0 = off (default {d['top_k']})")
+    s.add_argument("--top-p", type=float, default=d["top_p"], help=f"1 = off (default {d['top_p']})")
+    s.add_argument("--min-p", type=float, default=d["min_p"], help=f"0 = off (default {d['min_p']})")
     s.add_argument("--seed", type=int, default=0)
     s.add_argument("--stop", action="append", default=[], help="stop string (repeatable)")
     s.add_argument("--ignore-eos", action="store_true", help="never end on an end token (max-tokens ends it)")
+    add_repetition_args(p, sampling)
 
 
 def parse_alpha(text: str) -> float | str:
@@ -138,7 +183,7 @@ def blender_from_args(args, log=None, n_seq_max: int = 1, parallel: int = 1):
 
 def sampling_kwargs(args) -> dict:
     return dict(max_tokens=args.max_tokens, temperature=args.temperature, top_k=args.top_k, top_p=args.top_p,
-                min_p=args.min_p, seed=args.seed, stop=args.stop, ignore_eos=args.ignore_eos)
+                min_p=args.min_p, seed=args.seed, stop=args.stop, ignore_eos=args.ignore_eos, **repetition_kwargs(args))
 
 
 def json_safe(x):

@@ -23,7 +23,7 @@ import os
 import sys
 from pathlib import Path
 
-from ..options import add_blend_args, add_model_args, blender_from_args
+from ..options import add_blend_args, add_model_args, blender_from_args, repetition_kwargs
 from .app import Server, create_app
 from .http import protocol
 
@@ -70,7 +70,7 @@ def cmd_serve(args) -> int:
     blender = blender_from_args(args, log=sys.stderr, n_seq_max=args.n_seq, parallel=args.parallel)
     model_id = args.model_name or "+".join(Path(m.path).stem for m in (blender.base, blender.guide) if m)
     defaults = dict(max_tokens=args.max_tokens, temperature=args.temperature, top_k=args.top_k, top_p=args.top_p,
-                    min_p=args.min_p, seed=args.seed, stop=args.stop)
+                    min_p=args.min_p, seed=args.seed, stop=args.stop, **repetition_kwargs(args))
     server = Server(blender, model_id=model_id, defaults=defaults, api_key=args.api_key,
                     max_tokens_limit=args.max_tokens_limit, max_queue=args.max_queue, parallel=args.parallel)
     kv = sum(m.kv_mib for m in blender._models())

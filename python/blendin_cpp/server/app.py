@@ -15,7 +15,7 @@ from starlette.exceptions import HTTPException
 from starlette.requests import ClientDisconnect
 from starlette.responses import JSONResponse, Response, StreamingResponse
 
-from ..blender import Blender, PromptTokens, Step
+from ..blender import REPETITION, Blender, PromptTokens, Step
 from ..model import ContextLengthError
 from .openai_format import FINISH, ChatFormat, CompletionFormat, usage
 from .schemas import ApiError, ChatRequest, CompletionRequest, check_no_ops, validation_error
@@ -101,9 +101,11 @@ class Server:
                   min_p=d["min_p"] if req.min_p is None else req.min_p,
                   seed=d["seed"] if req.seed is None else req.seed,
                   stop=d["stop"] if req.stop is None else req.stop, ignore_eos=req.ignore_eos)
-        for name in ("method", "gamma", "alpha", "beta", "lambda_", "max_intervention_rate"):
+        for name in ("method", "gamma", "alpha", "beta", "lambda_", "max_intervention_rate", *REPETITION):
             if getattr(req, name) is not None:
                 kw[name] = getattr(req, name)
+            elif name in d:
+                kw[name] = d[name]
         base = self.blender.base
         if req.av_scales is not None or base.adapter_names:
             scales = list(self.av_defaults)

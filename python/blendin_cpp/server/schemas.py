@@ -64,8 +64,17 @@ class _Request(BaseModel):
     # the n with the highest implicit reward (guide minus base log-likelihood) of best_of
     n: int = Field(default=1, ge=1, le=16)
     best_of: Optional[int] = Field(default=None, ge=1, le=16)
-    presence_penalty: Literal[0] = 0
-    frequency_penalty: Literal[0] = 0
+    # the repetition controls (blender.REPETITION): OpenAI's penalties, llama.cpp's repeat penalty
+    # and DRY, and the loop-aware gate
+    presence_penalty: Optional[float] = core_field("presence_penalty")
+    frequency_penalty: Optional[float] = core_field("frequency_penalty")
+    repeat_penalty: Optional[float] = core_field("repeat_penalty")
+    repeat_last_n: Optional[int] = core_field("repeat_last_n")
+    dry_multiplier: Optional[float] = core_field("dry_multiplier")
+    dry_base: Optional[float] = core_field("dry_base")
+    dry_allowed_length: Optional[int] = core_field("dry_allowed_length")
+    dry_sequence_breakers: Optional[list[Annotated[str, Field(min_length=1)]]] = None
+    loop_gate: Optional[int] = core_field("loop_gate")
     user: Optional[str] = None
     method: Optional[Literal[METHODS]] = None
     gamma: Optional[float] = core_field("gamma")
