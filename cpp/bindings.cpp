@@ -268,6 +268,8 @@ NB_MODULE(_core, m) {
         .def_prop_rw("lambda_", [](const GenParams& p) { return p.policy.lambda; }, [](GenParams& p, float v) { p.policy.lambda = v; })
         .def_prop_rw("max_intervention_rate", [](const GenParams& p) { return p.policy.max_intervention_rate; },
                      [](GenParams& p, float v) { p.policy.max_intervention_rate = v; })
+        .def_prop_rw("guide_ends", [](const GenParams& p) { return p.policy.guide_ends; },
+                     [](GenParams& p, bool v) { p.policy.guide_ends = v; })
         .def_prop_rw("diagnostics", [](const GenParams& p) { return p.policy.diagnostics; },
                      [](GenParams& p, bool v) { p.policy.diagnostics = v; })
         .def_prop_rw("temperature", [](const GenParams& p) { return p.sampling.temperature; },

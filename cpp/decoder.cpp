@@ -26,7 +26,7 @@ TokenFacts::TokenFacts(const Model& b, const Model* guide) : base(&b) {
 Decoder::Decoder(const GenParams& params, const TokenFacts& facts, uint64_t seed, bool bridged)
     : params_(params),
       facts_(facts),
-      policy_(params.policy, static_cast<int>(facts.eog.size())),
+      policy_(params.policy, static_cast<int>(facts.eog.size()), params.ignore_eos ? nullptr : &facts.eog),
       sampler_([&] {
           SamplingParams s = params.sampling;
           s.seed = seed;
@@ -98,7 +98,9 @@ bool Decoder::continue_word(const float* lg, float unmatched) {
 
 bool Decoder::gate(const float* lb) {
     const Penalties* loops = params_.repeat.loop_gate > 0 ? &penalties_ : nullptr;
-    consult_ = policy_.gate(penalize(lb, base_row_), tokens_, interventions_, info_, loops) && !(lb && guide_blocked());
+    const bool line_end = !text_.empty() && text_.back() == '\n';
+    consult_ = policy_.gate(penalize(lb, base_row_), tokens_, interventions_, info_, loops, line_end) &&
+               !(lb && guide_blocked());
     return consult_;
 }
 

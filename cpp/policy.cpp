@@ -20,8 +20,8 @@ const char* source_name(Source s) {
     }
 }
 
-Policy::Policy(const PolicyParams& params, int n_vocab)
-    : params_(params), n_(n_vocab), pb_(n_vocab), pg_(n_vocab), out_(n_vocab) {}
+Policy::Policy(const PolicyParams& params, int n_vocab, const std::vector<char>* ends)
+    : params_(params), n_(n_vocab), ends_(ends), pb_(n_vocab), pg_(n_vocab), out_(n_vocab) {}
 
 bool Policy::gated() const {
     const Method m = params_.method;
@@ -33,8 +33,10 @@ bool Policy::within_cap(long tokens, long interventions) const {
     return interventions + 1 <= params_.max_intervention_rate * static_cast<double>(tokens + 1);
 }
 
-bool Policy::gate(const float* base_logits, long tokens, long interventions, StepInfo& info, const Penalties* loops) {
+bool Policy::gate(const float* base_logits, long tokens, long interventions, StepInfo& info, const Penalties* loops,
+                  bool line_end) {
     info = StepInfo{};
+    end_check_ = false;
     info.pg_max = info.agree = info.overlap = info.mass_above = info.unmatched = kNaN;
     lb_ = base_logits;
     lg_ = nullptr;
@@ -47,8 +49,12 @@ bool Policy::gate(const float* base_logits, long tokens, long interventions, Ste
     if (params_.method == Method::Base) return false;
     if (!gated()) return true;  // guide, ensemble, proxy, dera use the guide at every step
     if (!(peak_b_.value < params_.gamma)) {
-        if (!loops || !loops->would_loop(peak_b_.index)) return false;
-        info.looped = true;
+        if (loops && loops->would_loop(peak_b_.index)) {
+            info.looped = true;
+        } else {
+            end_check_ = line_end && params_.guide_ends && ends_;
+            return end_check_;  // an end check is no intervention: the cap does not apply
+        }
     }
     if (!within_cap(tokens, interventions)) {
         info.capped = true;
@@ -69,7 +75,10 @@ void Policy::read_guide(const float* guide, bool probs) {
 
 const std::vector<float>& Policy::combine(bool consulted, const float* la, StepInfo& info) {
     const Method m = params_.method;
-    if (!consulted) {  // the gate kept the base: p = p_base
+    // guide_ends: a consulted guide whose top token ends the answer ends it (Nudging's rule for
+    // endings; BlendIn's published loop lets only the base end)
+    const bool guide_ends = consulted && params_.guide_ends && ends_ && gated() && (*ends_)[peak_g_.index];
+    if (!consulted || (end_check_ && !guide_ends)) {  // the gate kept the base: p = p_base
         info.source = Source::Base;
         return pb_;
     }
@@ -90,6 +99,11 @@ const std::vector<float>& Policy::combine(bool consulted, const float* la, StepI
             info.guide_rank = above + 1;
             info.mass_above = static_cast<float>(std::min(mass, 1.0));  // a float sum can pass 1 by rounding
         }
+    }
+    if (guide_ends) {
+        info.source = Source::Guide;
+        info.alpha = 1;
+        return pg_;
     }
     switch (m) {
         case Method::Guide:

@@ -39,7 +39,8 @@ class Policy {
 public:
     static constexpr int kOverlapK = 10;
 
-    Policy(const PolicyParams& params, int n_vocab);
+    // `ends`: the tokens that end an answer (for guide_ends).
+    Policy(const PolicyParams& params, int n_vocab, const std::vector<char>* ends = nullptr);
 
     const PolicyParams& params() const { return params_; }
     bool uses_base() const { return blendin::uses_base(params_.method); }
@@ -53,8 +54,10 @@ public:
     // `loops` (the answer's penalties, with loop_gate on): a base that is confident but whose top
     // token would repeat an n-gram of the answer is not reliable there, so the guide is consulted
     // and, in BlendIn, trusted (alpha 1).
+    // `line_end` (guide_ends, the text ends a line): the guide is asked whether the answer ends
+    // here, even where the base is confident; if it does not end it, the base's token stands.
     bool gate(const float* base_logits, long tokens, long interventions, StepInfo& info,
-              const Penalties* loops = nullptr);
+              const Penalties* loops = nullptr, bool line_end = false);
     // Whether one more intervention stays within the cap.
     bool within_cap(long tokens, long interventions) const;
 
@@ -70,6 +73,8 @@ public:
 private:
     PolicyParams params_;
     int n_;
+    const std::vector<char>* ends_;
+    bool end_check_ = false;  // consulted at a line end only to ask whether the answer ends
     const float* lb_ = nullptr;
     const float* lg_ = nullptr;
     Peak peak_b_, peak_g_;

@@ -121,16 +121,19 @@ class Blender:
             batch is measured to cost less than the decodes it saves. "off": never. Needs lazy.
         drafter: "guide" (the guide drafts) or "ngram" (tokens looked up in the context: free).
         warn_intervention_rate: above this intervention rate the statistics carry a warning.
+        guide_ends: the guide decides where an answer ends (nudging, blendin): at each line end
+            it is asked, and wherever it is consulted and its top token is an end token, the
+            answer ends (off: as the papers, only the mixed distribution's token ends it).
     """
 
     SETTINGS = ("method", "gamma", "alpha", "beta", "lambda_", "max_intervention_rate", "lazy", "speculative",
-                "drafter", "draft_max", "warn_intervention_rate")
+                "drafter", "draft_max", "warn_intervention_rate", "guide_ends")
 
     def __init__(self, base: Model, guide: Model | None = None, *, anti: Model | None = None,
                  method: str = "blendin", gamma: float = 0.4, alpha: float | str = "auto",
                  beta: float = 1.0, lambda_: float = 0.5, max_intervention_rate: float | None = None,
                  lazy: bool = True, speculative: str = "off", drafter: str = "guide", draft_max: int = 8,
-                 warn_intervention_rate: float = 0.5):
+                 warn_intervention_rate: float = 0.5, guide_ends: bool = False):
         for name, m in (("base", base), ("guide", guide), ("anti", anti)):
             if m is not None and not isinstance(m, Model):
                 raise TypeError(f"{name} must be a blendin_cpp.Model, got {type(m).__name__}")
@@ -139,7 +142,8 @@ class Blender:
         self.defaults: dict = {}
         self.configure(method=method, gamma=gamma, alpha=alpha, beta=beta, lambda_=lambda_,
                        max_intervention_rate=max_intervention_rate, lazy=lazy, speculative=speculative,
-                       drafter=drafter, draft_max=draft_max, warn_intervention_rate=warn_intervention_rate)
+                       drafter=drafter, draft_max=draft_max, warn_intervention_rate=warn_intervention_rate,
+                       guide_ends=guide_ends)
         self.last_stats: dict = {}
         # `_current` names the one generation whose generator may step the engine; the lock makes
         # "check it, then step" and "replace it, then start" one move each, across threads
@@ -408,6 +412,9 @@ class Blender:
         p.drafter = s["drafter"]
         p.draft_max = _integer("draft_max", s["draft_max"])
         p.warn_intervention_rate = _number("warn_intervention_rate", s["warn_intervention_rate"])
+        if not isinstance(s["guide_ends"], bool):
+            raise TypeError(f"guide_ends must be True or False, got {s['guide_ends']!r}")
+        p.guide_ends = s["guide_ends"]
         p.temperature = _number("temperature", temperature)
         p.top_k = _integer("top_k", top_k)
         p.top_p = _number("top_p", top_p)
