@@ -85,8 +85,8 @@ def cmd_serve(args) -> int:
         print(f"chat page: http://{host}:{args.port}/", file=sys.stderr, flush=True)
     try:
         uvicorn.run(create_app(server, webui=not args.no_webui), host=args.host, port=args.port,
-                    log_level=args.log_level, http=protocol(args.timeout_request), timeout_keep_alive=args.timeout_keep_alive,
-                    timeout_graceful_shutdown=5)
+                    log_level=args.log_level, http=protocol(args.timeout_request),
+                    timeout_keep_alive=args.timeout_keep_alive, timeout_graceful_shutdown=5)
     finally:
         server.close()  # so that the models are freed here, not left to the interpreter's exit
     return 0
