@@ -282,7 +282,9 @@ def test_answer_tokens_coloured_by_source_with_tooltip_and_stats(page, server):
     tip = page.el("tooltip").text
     source, text = want[0]
     assert f"source  {source}" in tip and "alpha" in tip and "base top p" in tip and "guide top p" in tip
-    assert "gate  " in tip and json.dumps(text.replace(" ", "\u2423"), ensure_ascii=False) in tip
+    assert json.dumps(text.replace(" ", "\u2423"), ensure_ascii=False) in tip
+    gate = {"blend": "open: the guide was consulted", "base": "closed: the base was confident enough"}[source]
+    assert f"gate  {gate}" in tip
 
     page.ask("And its flag?")
     second = page.wait_answers(2)[1]
@@ -292,11 +294,15 @@ def test_answer_tokens_coloured_by_source_with_tooltip_and_stats(page, server):
 
 
 def test_method_base_gives_only_base_tokens(page, server):
+    from selenium.webdriver.common.action_chains import ActionChains
     page.choose_method("base")
     page.ask(QUESTION)
     (answer,) = page.wait_answers(1)
     assert answer["tokens"] and {s for s, _ in answer["tokens"]} == {"base"}
     assert answer["stats"].endswith("method base") and "intervention rate 0%" in answer["stats"]
+    token = page.driver.find_element("css selector", '[data-testid="assistant"] [data-source]')
+    ActionChains(page.driver).move_to_element(token).perform()
+    page.wait.until(lambda d: "gate  none: the base writes alone" in page.el("tooltip").text)
     page.open(fresh=False)  # the choice is kept
     assert page.el("method").get_attribute("value") == "base"
 

@@ -7,21 +7,22 @@ const fixed = (x, digits = 2) => (x === null || x === undefined ? "n/a" : Number
 // Spaces and line ends made visible, so that a tooltip shows what the token really is.
 const visible = (text) => text.replace(/ /g, "\u2423").replace(/\n/g, "\u23ce").replace(/\t/g, "\u21e5");
 
-function gate(step) {
+function gate(step, method) {
+  if (method === "base") return "none: the base writes alone";
   if (step.capped) return "closed by max_intervention_rate (the base wrote it)";
   if (step.intervened) return "open: the guide was consulted";
-  if (step.source === "guide") return "the guide writes alone";
+  if (step.source === "guide") return "none: the guide writes alone";
   return "closed: the base was confident enough";
 }
 
-export function tooltipText(step) {
+function tooltipText(step, method) {
   return [
     `token  ${JSON.stringify(visible(step.text))}  (id ${step.token})`,
     `source  ${step.source}`,
     `alpha  ${fixed(step.alpha)}`,
     `base top p  ${fixed(step.pb_max)}`,
     `guide top p  ${fixed(step.pg_max)}`,
-    `gate  ${gate(step)}`,
+    `gate  ${gate(step, method)}`,
   ].join("\n");
 }
 
@@ -122,7 +123,7 @@ export function installTooltip(tooltip) {
   let shownFor = null;
   const show = (span) => {
     shownFor = span;
-    tooltip.textContent = tooltipText(span.blendinStep);
+    tooltip.textContent = tooltipText(span.blendinStep, span.closest(".answer").dataset.method);
     tooltip.dataset.source = span.dataset.source;
     tooltip.hidden = false;
     const r = span.getBoundingClientRect();
