@@ -351,7 +351,7 @@ NB_MODULE(_core, m) {
         .def("as_dict", [](nb::handle self) {
             nb::dict d;
             for (const char* name : {"token", "text", "source", "pb_max", "pg_max", "alpha", "agree", "overlap",
-                                     "intervened", "looped", "finish_reason", "logprob", "top_logprobs", "guide_rank",
+                                     "intervened", "capped", "looped", "finish_reason", "logprob", "top_logprobs", "guide_rank",
                                      "mass_above", "unmatched"})
                 d[name] = self.attr(name);
             return d;

@@ -1,10 +1,12 @@
 """`python -m blendin_cpp serve`: an OpenAI-compatible HTTP server over one Blender.
 
 Endpoints: POST /v1/chat/completions, POST /v1/completions (both with `stream`), GET /v1/models,
-GET /health. The models are fixed when the server starts; a request can choose the blending
-(`method`, `gamma`, `alpha`, `beta`, `lambda`, `max_intervention_rate`) and the sampling, never a
-file. Chat requests give the base a plain transcript and the guide its chat template; a completion
-prompt goes to the base as it is and to the guide as one user message (`Blender.generate`).
+GET /v1/parameters (what a request may set: defaults and ranges), GET /health, and the chat page
+at / (server/webui/, docs/webui.md; `--no-webui` leaves it out). The models are fixed when the
+server starts; a request can choose the blending (`method`, `gamma`, `alpha`, `beta`, `lambda`,
+`max_intervention_rate`) and the sampling, never a file. Chat requests give the base a plain
+transcript and the guide its chat template; a completion prompt goes to the base as it is and to
+the guide as one user message (`Blender.generate`).
 
 Concurrency: one thread owns the models (server/batcher.py). Up to --parallel requests run at
 once, each in its own KV sequence of every model (its slot), and every step decodes the next token
@@ -52,6 +54,8 @@ def add_parser(subparsers) -> None:
                         "previous response on it); slower clients are disconnected (default 30)")
     s.add_argument("--timeout-keep-alive", type=float, default=5.0, metavar="SECONDS",
                    help="close a kept-alive connection idle this long after a response (default 5)")
+    s.add_argument("--no-webui", action="store_true",
+                   help="do not serve the chat page at / (the API alone; the page is on by default)")
     s.add_argument("--log-level", default="info", choices=("critical", "error", "warning", "info", "debug"))
     p.set_defaults(func=cmd_serve)
 
@@ -76,10 +80,13 @@ def cmd_serve(args) -> int:
     kv = sum(m.kv_mib for m in blender._models())
     print(f"{args.parallel} requests at once, {server.n_ctx} tokens of context each; KV cache {kv:.1f} MiB "
           f"({kv / args.parallel:.1f} MiB per slot)", file=sys.stderr, flush=True)
+    if not args.no_webui:
+        host = f"[{args.host}]" if ":" in args.host else args.host
+        print(f"chat page: http://{host}:{args.port}/", file=sys.stderr, flush=True)
     try:
-        uvicorn.run(create_app(server), host=args.host, port=args.port, log_level=args.log_level,
-                    http=protocol(args.timeout_request), timeout_keep_alive=args.timeout_keep_alive,
-                    timeout_graceful_shutdown=5)
+        uvicorn.run(create_app(server, webui=not args.no_webui), host=args.host, port=args.port,
+                    log_level=args.log_level, http=protocol(args.timeout_request),
+                    timeout_keep_alive=args.timeout_keep_alive, timeout_graceful_shutdown=5)
     finally:
         server.close()  # so that the models are freed here, not left to the interpreter's exit
     return 0

@@ -6,6 +6,7 @@ import hmac
 import json
 import math
 import time
+from pathlib import Path
 from typing import Any, AsyncIterator
 
 from fastapi import FastAPI, Request
@@ -13,17 +14,25 @@ from pydantic import ValidationError
 from starlette.background import BackgroundTask
 from starlette.exceptions import HTTPException
 from starlette.requests import ClientDisconnect
-from starlette.responses import JSONResponse, Response, StreamingResponse
+from starlette.responses import FileResponse, JSONResponse, Response, StreamingResponse
+from starlette.staticfiles import StaticFiles
 
 from ..blender import REPETITION, Blender, PromptTokens, Step
 from ..model import ContextLengthError
 from .openai_format import FINISH, ChatFormat, CompletionFormat, usage
+from .parameters import parameter_table
 from .schemas import ApiError, ChatRequest, CompletionRequest, check_no_ops, validation_error
 from .scoring import complete_prompts, model_method, read_prompts
 from .batcher import Batcher, Run
 from .tokenizer import add_tokenizer_routes
 
 MAX_BODY_BYTES = 1 << 20
+WEBUI_DIR = Path(__file__).parent / "webui"
+# the chat page loads nothing from anywhere but this server (people run it offline), and no other
+# site may frame it
+WEBUI_HEADERS = {"Content-Security-Policy": "default-src 'self'; img-src 'self' data:; frame-ancestors 'none'; "
+                                           "base-uri 'none'",
+                 "X-Content-Type-Options": "nosniff"}
 
 
 class Server:
@@ -101,6 +110,8 @@ class Server:
                   min_p=d["min_p"] if req.min_p is None else req.min_p,
                   seed=d["seed"] if req.seed is None else req.seed,
                   stop=d["stop"] if req.stop is None else req.stop, ignore_eos=req.ignore_eos)
+        if req.trace:  # as `generate --trace`: with the vocabulary-sized diagnostics
+            kw["diagnostics"] = True
         for name in ("method", "gamma", "alpha", "beta", "lambda_", "max_intervention_rate", *REPETITION):
             if getattr(req, name) is not None:
                 kw[name] = getattr(req, name)
@@ -133,6 +144,9 @@ class Server:
         from .. import best_of_n as bon
         if req.stream:
             raise ApiError(400, "n > 1 and best_of cannot be streamed", param="stream", code="invalid_value")
+        if req.trace:
+            raise ApiError(400, "n > 1 and best_of cannot be traced (trace is per token of one answer)",
+                           param="trace", code="invalid_value")
         total = req.best_of or req.n
         if req.n > total:
             raise ApiError(400, f"best_of ({total}) must be >= n ({req.n})", param="best_of", code="invalid_value")
@@ -203,8 +217,8 @@ class Server:
         yield "data: [DONE]\n\n"
 
 
-def create_app(server: Server):
-    """The FastAPI application around a Server."""
+def create_app(server: Server, *, webui: bool = True):
+    """The FastAPI application around a Server; with `webui`, the chat page at / (docs/webui.md)."""
     app = FastAPI(title="blendin_cpp", version="0.1.0", docs_url=None, redoc_url=None, openapi_url=None)
 
     @app.exception_handler(ApiError)
@@ -240,6 +254,18 @@ def create_app(server: Server):
         return {"object": "list", "data": [{"id": server.model_id, "object": "model", "created": server.created,
                                             "owned_by": "blendin_cpp", "n_ctx": server.n_ctx, "blend": blend}]}
 
+    @app.get("/v1/parameters")
+    async def parameters(request: Request):
+        server.check_key(request)
+        return parameter_table(server)
+
+    if webui:
+        @app.get("/")
+        async def chat_page():
+            return FileResponse(WEBUI_DIR / "index.html", headers=WEBUI_HEADERS)
+
+        app.mount("/webui", StaticFiles(directory=WEBUI_DIR), name="webui")
+
     @app.post("/v1/chat/completions")
     async def chat_completions(request: Request):
         req = await server.parse(request, ChatRequest)
@@ -251,7 +277,7 @@ def create_app(server: Server):
             raise ApiError(400, "top_logprobs needs logprobs: true", param="top_logprobs", code="invalid_value")
         max_tokens = req.max_completion_tokens if req.max_completion_tokens is not None else req.max_tokens
         tokens, kwargs = await server.prepare(req, messages, max_tokens, top, "messages")
-        fmt = ChatFormat(server, top if req.logprobs else None)
+        fmt = ChatFormat(server, top if req.logprobs else None, req.trace)
         if req.n > 1 or req.best_of:
             return await server.candidates(req, tokens, kwargs, fmt)
         return await server.generate(request, req, tokens, kwargs, fmt)
@@ -266,7 +292,7 @@ def create_app(server: Server):
             return await complete_prompts(server, request, req, prompts)
         prompt = prompts[0][0]
         tokens, kwargs = await server.prepare(req, prompt, req.max_tokens, req.logprobs or 0, "prompt")
-        fmt = CompletionFormat(server, req.logprobs)
+        fmt = CompletionFormat(server, req.logprobs, req.trace)
         if req.n > 1 or req.best_of:
             return await server.candidates(req, tokens, kwargs, fmt)
         return await server.generate(request, req, tokens, kwargs, fmt)

@@ -18,8 +18,8 @@ def usage(prompt: int, completion: int) -> dict:
 
 
 class _Format:
-    def __init__(self, server, logprobs: int | None):
-        self.server, self.logprobs = server, logprobs
+    def __init__(self, server, logprobs: int | None, trace: bool = False):
+        self.server, self.logprobs, self.trace = server, logprobs, trace
         self.id = f"{self.prefix}-{uuid.uuid4().hex}"
         self.created = int(time.time())
 
@@ -35,8 +35,13 @@ class _Format:
         return [s for s in steps if not self.server.blender.is_end(s.token)]
 
     def shows(self, step: Step) -> bool:
-        """Whether a step gets a chunk of its own when streaming (text, or a token's logprobs)."""
-        return bool(step.text) or (self.logprobs is not None and not self.server.blender.is_end(step.token))
+        """Whether a step gets a chunk of its own when streaming (text, or a token's logprobs or trace)."""
+        return bool(step.text) or ((self.logprobs is not None or self.trace) and bool(self._counted([step])))
+
+    def steps(self, steps: list[Step]) -> dict:
+        """With `trace`: {"steps": the per-token diagnostics}, each as `generate --json --trace` lists
+        them (a chunk's own token, or every token of a whole answer); else nothing."""
+        return {"steps": [json_safe(s.as_dict()) for s in self._counted(steps)]} if self.trace else {}
 
 
 class ChatFormat(_Format):
@@ -64,13 +69,14 @@ class ChatFormat(_Format):
         return {**self.head("chat.completion"),
                 "choices": [{"index": 0, "message": {"role": "assistant", "content": "".join(s.text for s in steps)},
                              "logprobs": self._logprobs(steps), "finish_reason": FINISH[stats["finish_reason"]]}],
-                "usage": used, "blend": json_safe(stats)}
+                "usage": used, "blend": json_safe(stats), **self.steps(steps)}
 
     def chunk(self, step: Step | None, first: bool = False) -> dict:
         delta = {"role": "assistant", "content": ""} if first else {"content": step.text}
         return {**self.head("chat.completion.chunk"),
                 "choices": [{"index": 0, "delta": delta,
-                             "logprobs": None if first else self._logprobs([step]), "finish_reason": None}]}
+                             "logprobs": None if first else self._logprobs([step]), "finish_reason": None}],
+                **({} if first else self.steps([step]))}
 
     def final(self, stats: dict) -> dict:
         return {**self.head("chat.completion.chunk"),
@@ -89,8 +95,8 @@ class CompletionFormat(_Format):
     def choice(self, index: int, text: str, finish: str) -> dict:
         return {"index": index, "text": text, "logprobs": None, "finish_reason": finish}
 
-    def __init__(self, server, logprobs: int | None):
-        super().__init__(server, logprobs)
+    def __init__(self, server, logprobs: int | None, trace: bool = False):
+        super().__init__(server, logprobs, trace)
         # text_offset counts characters of the answer: the characters the tokens' bytes so far
         # complete (a token may hold part of a character; its offset is that character's)
         self.chars = 0
@@ -100,9 +106,6 @@ class CompletionFormat(_Format):
     # OpenAI and vLLM do): a one-token request whose token is the end token still gets its logprob.
     def _counted(self, steps: list[Step]) -> list[Step]:
         return list(steps)
-
-    def shows(self, step: Step) -> bool:
-        return bool(step.text) or self.logprobs is not None
 
     def _token(self, token: int) -> tuple[str, list[int]]:
         """A control token (an end token) by its own text ("</s>"), as it has none in the text."""
@@ -129,12 +132,13 @@ class CompletionFormat(_Format):
         return {**self.head("text_completion"),
                 "choices": [{"index": 0, "text": "".join(s.text for s in steps), "logprobs": self._logprobs(steps),
                              "finish_reason": FINISH[stats["finish_reason"]]}],
-                "usage": used, "blend": json_safe(stats)}
+                "usage": used, "blend": json_safe(stats), **self.steps(steps)}
 
     def chunk(self, step: Step | None, first: bool = False) -> dict | None:
         return {**self.head("text_completion"),
                 "choices": [{"index": 0, "text": "" if first else step.text,
-                             "logprobs": None if first else self._logprobs([step]), "finish_reason": None}]}
+                             "logprobs": None if first else self._logprobs([step]), "finish_reason": None}],
+                **({} if first else self.steps([step]))}
 
     def final(self, stats: dict) -> dict:
         return {**self.head("text_completion"),

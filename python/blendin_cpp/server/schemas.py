@@ -88,6 +88,9 @@ class _Request(BaseModel):
     ignore_eos: bool = False
     # Alignment Vector scales by name (the --av files' stems); the others keep their start-up value
     av_scales: Optional[dict[str, float]] = None
+    # per-token diagnostics (source, alpha, pb_max, pg_max, ...: `generate --json --trace`'s "steps"):
+    # each streamed chunk carries its token's, a whole answer all of them
+    trace: bool = False
     # Fields clients send with values that change nothing here: accepted with those values only
     # (check_no_ops names the field otherwise). `metadata` labels a stored completion; nothing is stored.
     logit_bias: Optional[dict[str, float]] = None

@@ -128,6 +128,9 @@ async def complete_prompts(server, request, req, prompts: list[tuple[str | list[
         raise ApiError(400, "echo and lists of prompts cannot be streamed", param="stream", code="invalid_value")
     if req.n > 1 or req.best_of:
         raise ApiError(400, "n and best_of take one prompt without echo", param="n", code="invalid_value")
+    if req.trace:
+        raise ApiError(400, "echo and lists of prompts cannot be traced (trace is per token of one answer)",
+                       param="trace", code="invalid_value")
     head = CompletionFormat(server, req.logprobs)
     # every prompt is checked before any runs: a bad one fails the request at once
     prepared = [await server.prepare(req, prompt, req.max_tokens, req.logprobs or 0, "prompt") for prompt, _ in prompts]
