@@ -4,6 +4,7 @@
 #include <cctype>
 #include <cmath>
 #include <cstdlib>
+#include <cstring>
 
 #include "error.h"
 #include "text.h"
@@ -98,8 +99,11 @@ bool Decoder::continue_word(const float* lg, float unmatched) {
 
 bool Decoder::gate(const float* lb) {
     const Penalties* loops = params_.repeat.loop_gate > 0 ? &penalties_ : nullptr;
-    const bool line_end = !text_.empty() && text_.back() == '\n';
-    consult_ = policy_.gate(penalize(lb, base_row_), tokens_, interventions_, info_, loops, line_end) &&
+    // guide_ends asks the guide at the end of each sentence or line (spaces after it aside): where
+    // an assistant's answer ends, and cheap for a lazy guide, which reads a sentence in one batch
+    const size_t last = text_.find_last_not_of(' ');
+    const bool sentence_end = last != std::string::npos && std::strchr(".!?\n", text_[last]) != nullptr;
+    consult_ = policy_.gate(penalize(lb, base_row_), tokens_, interventions_, info_, loops, sentence_end) &&
                !(lb && guide_blocked());
     return consult_;
 }

@@ -22,8 +22,8 @@ struct PolicyParams {
     float beta = 1.0f;                // proxy: l_b + beta * (l_g - l_anti)
     float lambda = 0.5f;              // dera: (1 - lambda) l_b + lambda l_g
     float max_intervention_rate = 1;  // cap on interventions / tokens (1 = no cap)
-    // The guide decides where the answer ends (gated methods): at each line end it is asked, and
-    // wherever it is consulted and its top token ends the answer, the answer ends there.
+    // The guide decides where the answer ends (gated methods): at each sentence or line end it is
+    // asked, and wherever it is consulted and its top token ends the answer, the answer ends there.
     bool guide_ends = false;
     bool diagnostics = false;         // also the vocabulary-sized diagnostics (overlap, guide_rank, mass_above)
 };

@@ -34,7 +34,7 @@ bool Policy::within_cap(long tokens, long interventions) const {
 }
 
 bool Policy::gate(const float* base_logits, long tokens, long interventions, StepInfo& info, const Penalties* loops,
-                  bool line_end) {
+                  bool sentence_end) {
     info = StepInfo{};
     end_check_ = false;
     info.pg_max = info.agree = info.overlap = info.mass_above = info.unmatched = kNaN;
@@ -52,7 +52,7 @@ bool Policy::gate(const float* base_logits, long tokens, long interventions, Ste
         if (loops && loops->would_loop(peak_b_.index)) {
             info.looped = true;
         } else {
-            end_check_ = line_end && params_.guide_ends && ends_;
+            end_check_ = sentence_end && params_.guide_ends && ends_;
             return end_check_;  // an end check is no intervention: the cap does not apply
         }
     }

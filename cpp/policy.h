@@ -54,10 +54,11 @@ public:
     // `loops` (the answer's penalties, with loop_gate on): a base that is confident but whose top
     // token would repeat an n-gram of the answer is not reliable there, so the guide is consulted
     // and, in BlendIn, trusted (alpha 1).
-    // `line_end` (guide_ends, the text ends a line): the guide is asked whether the answer ends
-    // here, even where the base is confident; if it does not end it, the base's token stands.
+    // `sentence_end` (with guide_ends: the text ends a sentence or a line): the guide is asked
+    // whether the answer ends here, even where the base is confident; if its top token does not
+    // end it, the base's distribution stands (an end check is no intervention).
     bool gate(const float* base_logits, long tokens, long interventions, StepInfo& info,
-              const Penalties* loops = nullptr, bool line_end = false);
+              const Penalties* loops = nullptr, bool sentence_end = false);
     // Whether one more intervention stays within the cap.
     bool within_cap(long tokens, long interventions) const;
 
@@ -74,7 +75,7 @@ private:
     PolicyParams params_;
     int n_;
     const std::vector<char>* ends_;
-    bool end_check_ = false;  // consulted at a line end only to ask whether the answer ends
+    bool end_check_ = false;  // consulted at a sentence end only to ask whether the answer ends
     const float* lb_ = nullptr;
     const float* lg_ = nullptr;
     Peak peak_b_, peak_g_;

@@ -70,10 +70,12 @@ def would_loop(answer, token, n):
     return any(tuple(answer[k:k + n]) == gram for k in range(len(answer) - n + 1))
 
 
-def replay(paths, blender, method, steps, **rep):
+def replay(paths, blender, method, steps, guide_ends=False, ignore_eos=True, **rep):
     """Our greedy run, step by step on our own prefix, through the reference: penalised base and
-    guide logits, then docs/design.md section 3 (with the loop gate: a confident base whose top
-    token would repeat an n-gram consults the guide, which blendin then trusts, alpha 1).
+    guide logits, then docs/design.md section 3, with the loop gate (a confident base whose top
+    token would repeat an n-gram consults the guide, which blendin then trusts, alpha 1) and
+    guide_ends (the guide is asked at sentence and line ends too; a consulted guide whose top token is an end
+    token ends the answer; otherwise an end check keeps the base's distribution).
     Returns the number of steps whose choice was exactly the reference's argmax."""
     base_prompt, guide_prompt = blender.prompts(PROMPT)
     base, guide = RefModel(paths["base"], base_prompt), RefModel(paths["guide"], guide_prompt)
@@ -82,20 +84,27 @@ def replay(paths, blender, method, steps, **rep):
     pieces = [base.ll.detokenize([t], special=False).decode("utf-8", "replace") for t in range(n_vocab)]
     breaker = [any(b in p for b in breakers) for p in pieces]
     eog = [int(base.ll.metadata[k]) for k in ("tokenizer.ggml.eos_token_id", "tokenizer.ggml.eot_token_id")]
-    answer, exact = [], 0
+    guide_ends = guide_ends and not ignore_eos  # nothing may end the answer then
+    gated = method in ("nudging", "blendin")
+    answer, text, exact = [], b"", 0
     for i, step in enumerate(steps):
         lb = penalize(base.logits(), answer, breaker, **rep)
         lg = penalize(guide.logits(), answer, breaker, **rep)
         pb, pg = softmax(lb), softmax(lg)
-        loop = (pb.max() >= GAMMA and method in ("nudging", "blendin")
-                and would_loop(answer, int(np.argmax(pb)), rep.get("loop_gate", 0)))
-        if loop:  # the guide writes: nudging's rule, and blendin with alpha 1
+        sure = pb.max() >= GAMMA
+        loop = sure and gated and would_loop(answer, int(np.argmax(pb)), rep.get("loop_gate", 0))
+        end_check = sure and not loop and gated and guide_ends and text.rstrip(b" ")[-1:] in (b".", b"!", b"?", b"\n")
+        ends = gated and (not sure or loop or end_check) and guide_ends and int(np.argmax(pg)) in eog
+        if ends:
+            p, source = pg, "guide"
+        elif loop:  # the guide writes: nudging's rule, and blendin with alpha 1
             p, source = pg, "guide" if method == "nudging" else "blend"
         else:
             p, source = reference_policy(method, lb, pg, lg=lg)
-        p = p.copy()
-        p[eog] = 0  # ignore_eos
-        p /= p.sum()
+        if ignore_eos:
+            p = p.copy()
+            p[eog] = 0
+            p /= p.sum()
         assert step.looped == loop, f"step {i}: looped {step.looped}, reference {loop}"
         if step.source != source:
             assert abs(pb.max() - GAMMA) < 1e-4, f"{method} step {i}: source {step.source}, reference {source}"
@@ -107,7 +116,10 @@ def replay(paths, blender, method, steps, **rep):
                 # by up to 0.01 here without any penalty, measured: its steps are checked by their argmax)
                 assert step.logprob == pytest.approx(np.log(p[step.token]), abs=2e-3)
             exact += best == step.token
+        if step.token in eog:
+            break
         answer.append(step.token)
+        text += base.ll.detokenize([step.token], special=False)
         base.push(step.token)
         guide.push(step.token)
     return exact
@@ -123,18 +135,20 @@ CASES = {
     "together": dict(presence_penalty=0.3, frequency_penalty=0.2, repeat_penalty=1.3, dry_multiplier=0.5),
     "loop_gate": dict(loop_gate=2),
     "loop_gate_dry": dict(loop_gate=3, dry_multiplier=0.5, dry_allowed_length=1),
+    "guide_ends": dict(guide_ends=True, ignore_eos=False),
+    "guide_ends_loop_gate": dict(guide_ends=True, ignore_eos=False, loop_gate=2, dry_multiplier=0.5),
 }
 
 
 @pytest.mark.parametrize("method", ["base", "guide", "nudging", "blendin", "ensemble", "dera"])
 @pytest.mark.parametrize("case", CASES)
 def test_greedy_with_repetition_controls_equals_numpy_reference(method, case, blender, paths):
-    rep = CASES[case]
-    ours = blender.complete(PROMPT, max_tokens=48, method=method, gamma=GAMMA, ignore_eos=True, **rep)
+    rep = {"ignore_eos": True, **CASES[case]}
+    ours = blender.complete(PROMPT, max_tokens=48, method=method, gamma=GAMMA, **rep)
     plain = blender.complete(PROMPT, max_tokens=48, method=method, gamma=GAMMA, ignore_eos=True)
     exact = replay(paths, blender, method, ours.steps, **rep)
-    assert exact >= 46, f"{method}/{case}: only {exact} of 48 choices were the reference's exact argmax"
-    if method == "base" and not case.startswith("loop_gate"):
+    assert exact >= len(ours.steps) - 2, f"{method}/{case}: only {exact} of {len(ours.steps)} choices were exact"
+    if method == "base" and not case.startswith(("loop_gate", "guide_ends")):
         # the random base repeats itself a lot: every control changes its greedy text
         assert ours.tokens != plain.tokens, f"{case} changed nothing"
 
@@ -201,3 +215,39 @@ def test_loop_detector():
     assert looped(run * 3)
     assert not looped(run * 2 + "nine ten")
     assert not looped("1. Eat well.\n2. Sleep well.\n3. Move well.")
+
+
+def test_guide_ends_asks_the_guide_at_sentence_ends():
+    """guide_ends by teacher forcing on the demo pair (its guide ends an answer after one
+    sentence): where the text ends a sentence or a line and the base is sure, the guide is asked; its end token
+    as top choice makes the step the guide's (p_guide), otherwise the base's token stands
+    (p_base, no intervention); elsewhere the policy is the plain one."""
+    from blendin_cpp import demo
+    paths = {r: demo.demo_path(r) for r in ("base", "guide")}
+    models = {r: bc.Model(p, n_ctx=N_CTX, kv_type="f32", n_threads=1) for r, p in paths.items()}
+    b = bc.Blender(models["base"], models["guide"])
+    q = [{"role": "user", "content": "What is the capital of Gafashe?"}]
+    cont = models["base"].tokenize(" Sure! Its capital is Mudozi.\nIts flag is red.\nSure", add_special=False)
+    ours = b.score(q, cont, method="blendin", guide_ends=True)
+    plain = b.score(q, cont, method="blendin")
+    base_prompt, guide_prompt = b.prompts(q)
+    base, guide = RefModel(paths["base"], base_prompt), RefModel(paths["guide"], guide_prompt)
+    eog = {int(base.ll.metadata[k]) for k in ("tokenizer.ggml.eos_token_id", "tokenizer.ggml.eot_token_id")}
+    text, checks, ends = b"", 0, 0
+    for t, step, ref in zip(cont, ours.steps, plain.steps):
+        pb, pg = softmax(base.logits()), softmax(guide.logits())
+        guide_top_ends = int(np.argmax(pg)) in eog
+        if pb.max() >= GAMMA and text.rstrip(b" ")[-1:] in (b".", b"!", b"?", b"\n"):
+            checks += 1
+            ends += guide_top_ends
+            source, p = ("guide", pg) if guide_top_ends else ("base", pb)
+            assert step.source == source and step.intervened == guide_top_ends
+            assert step.logprob == pytest.approx(np.log(p[t]), abs=2e-3)
+        elif pb.max() < GAMMA and guide_top_ends:
+            assert step.source == "guide" and step.logprob == pytest.approx(np.log(pg[t]), abs=2e-3)
+        else:
+            assert step.source == ref.source and step.logprob == pytest.approx(ref.logprob, abs=1e-5)
+        text += base.ll.detokenize([t], special=False)
+        base.push(t)
+        guide.push(t)
+    assert checks >= 3 and ends >= 1, (checks, ends)

@@ -121,8 +121,8 @@ class Blender:
             batch is measured to cost less than the decodes it saves. "off": never. Needs lazy.
         drafter: "guide" (the guide drafts) or "ngram" (tokens looked up in the context: free).
         warn_intervention_rate: above this intervention rate the statistics carry a warning.
-        guide_ends: the guide decides where an answer ends (nudging, blendin): at each line end
-            it is asked, and wherever it is consulted and its top token is an end token, the
+        guide_ends: the guide decides where an answer ends (nudging, blendin): at each sentence
+            or line end it is asked, and wherever it is consulted and its top token is an end token, the
             answer ends (off: as the papers, only the mixed distribution's token ends it).
     """
 
