@@ -251,3 +251,79 @@ def test_guide_ends_asks_the_guide_at_sentence_ends():
         base.push(t)
         guide.push(t)
     assert checks >= 3 and ends >= 1, (checks, ends)
+
+
+# ---- the server, the CLI, eval ------------------------------------------------------------------
+@pytest.fixture(scope="module")
+def server(model_dir, tmp_path_factory):
+    """The generated pair: random weights repeat themselves, so every control changes the text."""
+    import test_server
+    yield from test_server.serve(test_server.load_server.generated_model_args(model_dir), tmp_path_factory)
+
+
+def test_the_openai_client_sends_penalties(server):
+    openai = pytest.importorskip("openai")
+    import test_server
+    client = openai.OpenAI(base_url=f"{server}/v1", api_key=test_server.KEY, max_retries=0, timeout=60)
+
+    def ask(**kw):
+        r = client.chat.completions.create(model="x", messages=test_server.CHAT, max_tokens=32, **kw)
+        return r.choices[0].message.content
+    plain = ask()
+    penalised = ask(presence_penalty=0.5, frequency_penalty=0.5)
+    assert penalised != plain
+    assert ask(presence_penalty=0.5, frequency_penalty=0.5) == penalised  # reproducible
+    extra = dict(repeat_penalty=1.3, repeat_last_n=-1, dry_multiplier=0.8, dry_base=1.5, dry_allowed_length=1,
+                 dry_sequence_breakers=["\n"], loop_gate=3, guide_ends=True)
+    assert ask(extra_body=extra) != plain
+    with pytest.raises(openai.BadRequestError) as e:
+        ask(presence_penalty=2.5)
+    assert e.value.body["param"] == "presence_penalty" and "2" in e.value.body["message"]
+    with pytest.raises(openai.BadRequestError) as e:
+        ask(extra_body={"dry_sequence_breakers": [""]})
+    assert "dry_sequence_breakers" in str(e.value.body)
+
+
+def test_cli_flags_and_chat_defaults():
+    from blendin_cpp.cli import build_parser
+    parser = build_parser()
+    chat = parser.parse_args(["chat"])
+    assert chat.dry_multiplier == 0.8 and chat.loop_gate == 4 and chat.guide_ends is True
+    gen = parser.parse_args(["generate", "--prompt", "x", "--repeat-penalty", "1.1", "--dry-sequence-breaker", "\n",
+                             "--dry-sequence-breaker", ":"])
+    assert gen.repeat_penalty == 1.1 and gen.dry_sequence_breakers == ["\n", ":"] and gen.guide_ends is False
+    assert parser.parse_args(["chat", "--no-guide-ends", "--loop-gate", "0"]).guide_ends is False
+    ev = parser.parse_args(["eval", "--frequency-penalty", "0.5"])
+    assert ev.frequency_penalty == 0.5 and ev.dry_multiplier is None
+
+
+def test_eval_quality_table(tmp_path):
+    import json
+    import subprocess
+    import sys
+    from blendin_cpp import demo
+    requests = tmp_path / "requests.jsonl"
+    requests.write_text("".join(json.dumps({"request": r}) + "\n" for r in
+                                ["What is the capital of Gafashe?", "What colour is the flag of Mudozi?", "Hi"]))
+    out = tmp_path / "eval.json"
+    r = subprocess.run([sys.executable, "-m", "blendin_cpp", "eval", "--base", demo.demo_path("base"), "--guide",
+                        demo.demo_path("guide"), "--questions", demo.heldout_path(), "--limit", "3", "--methods",
+                        "base,blendin", "--requests", str(requests), "--quality-max-tokens", "24", "--chat-defaults",
+                        "--threads", "1", "--json", str(out)], capture_output=True, text=True, timeout=600)
+    assert r.returncode == 0, r.stderr[-2000:]
+    assert "quality" in r.stdout and "looped" in r.stdout
+    res = json.loads(out.read_text())
+    assert res["sampling"]["dry_multiplier"] == 0.8 and res["sampling"]["guide_ends"] is True
+    (rows,) = res["quality"].values()
+    for method in ("base", "blendin"):
+        row = rows[method]
+        assert row["n"] == 3 and len(row["responses"]) == 3
+        assert row["ended"] == sum(x["finish_reason"] == "stop" for x in row["responses"]) / 3
+        assert row["looped"] == sum(looped(x["got"]) for x in row["responses"]) / 3
+        assert row["mean_tokens"] == sum(x["tokens"] for x in row["responses"]) / 3 <= 24
+    bad = tmp_path / "bad.jsonl"
+    bad.write_text('{"question": "x"}\n')
+    r = subprocess.run([sys.executable, "-m", "blendin_cpp", "eval", "--base", demo.demo_path("base"), "--guide",
+                        demo.demo_path("guide"), "--questions", demo.heldout_path(), "--requests", str(bad)],
+                       capture_output=True, text=True, timeout=120)
+    assert r.returncode != 0 and "needs 'request'" in r.stderr

@@ -29,7 +29,7 @@ DIM = "\x1b[2m"
 
 # /set NAME VALUE for the blending settings (checked by Blender.configure) ...
 BLEND_SETTINGS = {"gamma": "gamma", "alpha": "alpha", "beta": "beta", "lambda": "lambda_",
-                  "max_intervention_rate": "max_intervention_rate"}
+                  "max_intervention_rate": "max_intervention_rate", "guide_ends": "guide_ends"}
 # ... and for sampling and the repetition controls; the core checks every value against its
 # ranges before a setting changes
 SAMPLING = ("temperature", "top_p", "top_k", "min_p", "seed", "max_tokens", "ignore_eos", *REPETITION)
@@ -37,7 +37,7 @@ SAMPLING = ("temperature", "top_p", "top_k", "min_p", "seed", "max_tokens", "ign
 # The chat's (and the server's) defaults, chosen by measurement (docs/design.md section 3.6): where
 # they differ from the core's, greedy decoding of small models looped on ordinary requests.
 CHAT_DEFAULTS = {"max_tokens": 256, "temperature": 0.0, "top_k": 0, "top_p": 1.0, "min_p": 0.0,
-                 "dry_multiplier": 0.8, "loop_gate": 4}
+                 "guide_ends": True, "dry_multiplier": 0.8, "loop_gate": 4}
 
 
 HELP = """\
@@ -48,7 +48,8 @@ Ctrl+D, or Ctrl+C twice at the prompt, leaves.
   /help                 this text
   /stats                the last answer's and the session's diagnostics, and the settings
   /set NAME VALUE       change a setting: gamma, alpha (a number or auto), beta, lambda,
-                        max_intervention_rate (a number or none), temperature, top_p, top_k,
+                        max_intervention_rate (a number or none), guide_ends (0 or 1),
+                        temperature, top_p, top_k,
                         min_p, seed, max_tokens, ignore_eos; the repetition controls
                         presence_penalty, frequency_penalty, repeat_penalty, repeat_last_n,
                         dry_multiplier, dry_base, dry_allowed_length, dry_sequence_breakers
@@ -175,6 +176,10 @@ class Chat:
                 value = parse_alpha(text)
             elif name == "max_intervention_rate" and text.lower() == "none":
                 value = None
+            elif name == "guide_ends":
+                if text not in ("0", "1"):
+                    raise ValueError(f"guide_ends must be 0 or 1, got {text}")
+                value = text == "1"
             else:
                 value = _number(name, text, float)
             self.blender.configure(**{BLEND_SETTINGS[name]: value})

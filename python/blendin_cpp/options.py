@@ -90,6 +90,9 @@ def add_blend_args(p: argparse.ArgumentParser, sampling: dict | None = None) -> 
     g.add_argument("--beta", type=float, default=1.0, help="proxy-tuning strength")
     g.add_argument("--lambda", dest="lambda_", type=float, default=0.5, help="DeRa weight (> 1 extrapolates)")
     g.add_argument("--max-intervention-rate", type=float, default=None, help="cap on the share of steered tokens")
+    g.add_argument("--guide-ends", action=argparse.BooleanOptionalAction, default=d.get("guide_ends", False),
+                   help="the guide decides where an answer ends: asked at each sentence end, its end token ends "
+                        f"the answer (nudging, blendin; default {'on' if d.get('guide_ends') else 'off'})")
     g.add_argument("--naive", action="store_true", help="decode both models on every token (reference loop)")
     g.add_argument("--speculative", nargs="?", const="on", default="off", choices=SPECULATIVE,
                    help="a drafter proposes tokens, the base verifies them in one batch (same output): on, or auto "
@@ -177,6 +180,7 @@ def blender_from_args(args, log=None, n_seq_max: int = 1, parallel: int = 1):
     return Blender(models["base"], models["guide"], anti=models["anti"], method=args.method, gamma=args.gamma,
                    alpha=parse_alpha(args.alpha), beta=args.beta, lambda_=args.lambda_,
                    max_intervention_rate=args.max_intervention_rate, lazy=not args.naive,
+                   guide_ends=args.guide_ends,
                    speculative=getattr(args, "speculative", "off"), drafter=getattr(args, "drafter", "guide"),
                    draft_max=getattr(args, "draft_max", 8))
 

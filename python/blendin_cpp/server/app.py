@@ -112,7 +112,7 @@ class Server:
                   stop=d["stop"] if req.stop is None else req.stop, ignore_eos=req.ignore_eos)
         if req.trace:  # as `generate --trace`: with the vocabulary-sized diagnostics
             kw["diagnostics"] = True
-        for name in ("method", "gamma", "alpha", "beta", "lambda_", "max_intervention_rate", *REPETITION):
+        for name in ("method", "gamma", "alpha", "beta", "lambda_", "max_intervention_rate", "guide_ends", *REPETITION):
             if getattr(req, name) is not None:
                 kw[name] = getattr(req, name)
             elif name in d:

@@ -82,6 +82,7 @@ class _Request(BaseModel):
     beta: Optional[float] = core_field("beta")
     lambda_: Optional[float] = core_field("lambda", alias="lambda")
     max_intervention_rate: Optional[float] = core_field("max_intervention_rate")
+    guide_ends: Optional[bool] = None
     top_k: Optional[int] = core_field("top_k")
     min_p: Optional[float] = core_field("min_p")
     # as llama-server and vLLM: end tokens are never chosen, so the answer runs to max_tokens or a stop
