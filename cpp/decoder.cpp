@@ -3,7 +3,6 @@
 #include <algorithm>
 #include <cctype>
 #include <cmath>
-#include <cstdlib>
 #include <cstring>
 
 #include "error.h"
@@ -54,7 +53,7 @@ const std::vector<float>& Decoder::without_eog(const std::vector<float>& p) {
 }
 
 const float* Decoder::penalize(const float* row, std::vector<float>& buf, bool probs) const {
-    if (!row || !penalties_.active() || std::getenv("BLENDIN_PENALIZE_FINAL")) return row;  // MEASURE-ONLY
+    if (!row || !penalties_.active()) return row;
     buf.assign(row, row + facts_.eog.size());
     penalties_.apply(buf.data(), static_cast<int>(buf.size()), probs);
     return buf.data();
@@ -114,15 +113,7 @@ void Decoder::decide(const float* lg, const float* la, float unmatched) {
         guide_read_ = true;
     }
     BLENDIN_CHECK(!consult_ || guide_read_);
-    const auto* pp = &without_eog(policy_.combine(consult_, la, info_));
-    if (std::getenv("BLENDIN_PENALIZE_FINAL") && penalties_.active()) {  // MEASURE-ONLY
-        target_ = *pp;
-        penalties_.apply(target_.data(), (int)target_.size(), true);
-        double sum = 0; for (float x : target_) sum += x;
-        for (auto& x : target_) x = (float)(x / sum);
-        pp = &target_;
-    }
-    const auto& p = *pp;
+    const auto& p = without_eog(policy_.combine(consult_, la, info_));
     if (consult_) info_.unmatched = unmatched;
     const Token t = pick(p);
     in_word_ = params_.policy.method == Method::NudgingWord && info_.intervened;
