@@ -21,7 +21,7 @@ from ..model import ContextLengthError
 from .openai_format import FINISH, ChatFormat, CompletionFormat, usage
 from .schemas import ApiError, ChatRequest, CompletionRequest, check_no_ops, validation_error
 from .scoring import complete_prompts, model_method, read_prompts
-from .batcher import Batcher, Run
+from .batcher import Batcher, Run, gather_while_connected
 from .guard import Guard
 from .metrics import CONTENT_TYPE, Metrics
 from .tokenizer import add_tokenizer_routes
@@ -196,13 +196,9 @@ class Server:
             raise ApiError(400, "best_of ranks by the implicit reward, which needs a guide", param="best_of")
         kw = {k: v for k, v in kwargs.items() if k != "top_logprobs"}
         seed = kw["seed"]
-        tasks = [asyncio.create_task(self.run_to_end(request, tokens, {**kw, "seed": seed + i})) for i in range(total)]
-        try:
-            runs = await asyncio.gather(*tasks)
-        finally:
-            for t in tasks:  # one failed or the client left: the others stop too
-                t.cancel()
-        if any(r is None for r in runs):
+        runs = await gather_while_connected(request, [self.run_to_end(request, tokens, {**kw, "seed": seed + i})
+                                                      for i in range(total)])
+        if runs is None or any(r is None for r in runs):
             return Response(status_code=204)  # the client is gone; nobody reads this
         is_end = self.blender.is_end
         cands = [bon.Candidate(text="".join(s.text for s in steps), tokens=[s.token for s in steps if not is_end(s.token)],

@@ -87,6 +87,22 @@ class Run:
             self.batcher._cancel(self)
 
 
+async def gather_while_connected(request, coros) -> list | None:
+    """Run the coroutines together (one request's parts: candidates, prompts) and return their
+    results; None as soon as the client leaves, and one's error as soon as it fails. Either way
+    the others are cancelled: their runs close and their queued jobs are dropped."""
+    gathered = asyncio.gather(*coros)
+    try:
+        while True:
+            done, _ = await asyncio.wait({gathered}, timeout=WAIT_POLL_S)
+            if done:
+                return gathered.result()
+            if await request.is_disconnected():
+                return None
+    finally:
+        gathered.cancel()
+
+
 def _settle(loop, future: asyncio.Future, result, error: BaseException | None) -> None:
     """From the engine thread: give `future` its result or exception on its event loop (unless a
     client that went away has cancelled it)."""
@@ -203,7 +219,7 @@ class Batcher:
 
     async def exclusive(self, request, fn: Callable, kind: str):
         """Run fn() on the engine thread with the models alone (after the running requests); None
-        if the client left first (the job then does not run)."""
+        if the client of `request` (None: no client to watch) left first (the job then does not run)."""
         job = _Job(fn, asyncio.get_running_loop(), kind)
         self._enqueue(job)
         try:
@@ -211,7 +227,7 @@ class Batcher:
                 done, _ = await asyncio.wait({job.future}, timeout=WAIT_POLL_S)
                 if done:
                     return job.future.result()
-                if await request.is_disconnected():
+                if request is not None and await request.is_disconnected():
                     job.cancelled = True
                     return None
         except BaseException:

@@ -4,8 +4,8 @@ answer for /metrics.
 A page on any site can send a "simple" cross-origin request (a POST with `Content-Type:
 text/plain`, no preflight) to a server on localhost, and a DNS-rebinding page can even read the
 answers under its own host name. So, before a request reaches the endpoints:
-- a POST must declare a JSON body (`Content-Type: application/json`), else 415: a page cannot send
-  that cross-origin without a preflight, which this server never grants;
+- a POST to a JSON endpoint must declare a JSON body (`Content-Type: application/json`), else 415:
+  a page cannot send that cross-origin without a preflight, which this server never grants;
 - the `Host` must be an IP address, `localhost`, or a name given with --allowed-hosts (a rebinding
   page's requests carry its own name), else 403;
 - an `Origin`, when a browser sends one, must be the server's own (the page it serves itself,
@@ -20,9 +20,10 @@ from urllib.parse import urlsplit
 
 from .schemas import ApiError
 
-# the endpoints /metrics counts by name; anything else is counted as "other" (no unbounded labels)
-ENDPOINTS = ("/v1/chat/completions", "/v1/completions", "/v1/models", "/health", "/metrics", "/tokenize",
-             "/detokenize", "/tokenizer_info", "/")
+# the endpoints that take a JSON body, and those /metrics counts by name (anything else is counted
+# as "other": no unbounded labels)
+JSON_ENDPOINTS = ("/v1/chat/completions", "/v1/completions", "/tokenize", "/detokenize")
+ENDPOINTS = (*JSON_ENDPOINTS, "/v1/models", "/health", "/metrics", "/tokenizer_info", "/")
 
 
 def host_name(host: str) -> str:
@@ -65,7 +66,7 @@ class Guard:
             if not (same or o in self.origins or "*" in self.origins):
                 return ApiError(403, f"requests from pages of {origin!r} are not allowed (start the server with "
                                 "--allowed-origins ORIGIN to allow them)", code="origin_not_allowed")
-        if scope["method"] == "POST":
+        if scope["method"] == "POST" and scope["path"] in JSON_ENDPOINTS:
             media = headers.get("content-type", "").split(";")[0].strip().lower()
             if media != "application/json":
                 return ApiError(415, f"the body must be JSON, sent with 'Content-Type: application/json' (got "

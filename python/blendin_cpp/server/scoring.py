@@ -21,6 +21,7 @@ from starlette.responses import Response
 from ..blender import METHODS, Blender
 from ..options import json_safe
 from .openai_format import FINISH, CompletionFormat, usage
+from .batcher import gather_while_connected
 from .schemas import ApiError
 
 # JSON has no -Infinity: a token the policy gives probability 0 (within float precision) gets
@@ -168,13 +169,8 @@ async def complete_prompts(server, request, req, prompts: list[tuple[str | list[
                "finish_reason": FINISH[stats["finish_reason"]], "blend": json_safe(stats)}
         return out, server.prompt_tokens(tokens, kwargs), completion_tokens
 
-    tasks = [asyncio.create_task(one(i)) for i in range(len(prompts))]
-    try:
-        results = await asyncio.gather(*tasks)
-    finally:
-        for t in tasks:  # one failed: the others stop (their runs close as their tasks are cancelled)
-            t.cancel()
-    if any(r is None for r in results):
+    results = await gather_while_connected(request, [one(i) for i in range(len(prompts))])
+    if results is None or any(r is None for r in results):
         return Response(status_code=204)  # the client is gone; nobody reads this
     choices = [r[0] for r in results]
     body = {**head.head("text_completion"), "choices": choices,
