@@ -15,5 +15,5 @@ from .blender import METHODS, Blender, Completion, PromptsFailed, Score, Step  #
 from .chat_template import base_transcript  # noqa: E402
 
 __version__ = "0.1.0"
-__all__ = ["Model", "Blender", "Step", "Completion", "Score", "METHODS", "BlendError", "PromptsFailed", "ContextLengthError",
-           "base_transcript", "set_verbose"]
+__all__ = ["Model", "Blender", "Step", "Completion", "Score", "METHODS", "BlendError", "PromptsFailed",
+           "ContextLengthError", "base_transcript", "set_verbose"]

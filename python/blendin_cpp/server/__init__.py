@@ -1,7 +1,8 @@
 """`python -m blendin_cpp serve`: an OpenAI-compatible HTTP server over one Blender.
 
 Endpoints: POST /v1/chat/completions, POST /v1/completions (both with `stream`), GET /v1/models,
-GET /health, GET /metrics (Prometheus). Limits, the browser guards and the metrics: docs/serving.md. The models are fixed when the server starts; a request can choose the blending
+GET /health, GET /metrics (Prometheus); limits, the browser guards and the metrics: docs/serving.md.
+The models are fixed when the server starts; a request can choose the blending
 (`method`, `gamma`, `alpha`, `beta`, `lambda`, `max_intervention_rate`) and the sampling, never a
 file. Chat requests give the base a plain transcript and the guide its chat template; a completion
 prompt goes to the base as it is and to the guide as one user message (`Blender.generate`).

@@ -151,7 +151,7 @@ class Server:
 
     def prompt_tokens(self, tokens: PromptTokens, kwargs: dict) -> int:
         """The prompt's length for usage: the base's, or the guide's where the guide writes alone."""
-        return len(tokens.guide) if kwargs.get("method", self.blender.defaults["method"]) == "guide" else len(tokens.base)
+        return len(tokens.guide) if self.method_of(kwargs) == "guide" else len(tokens.base)
 
     def method_of(self, kwargs: dict) -> str:
         return kwargs.get("method", self.blender.defaults["method"])
@@ -201,7 +201,8 @@ class Server:
         if runs is None or any(r is None for r in runs):
             return Response(status_code=204)  # the client is gone; nobody reads this
         is_end = self.blender.is_end
-        cands = [bon.Candidate(text="".join(s.text for s in steps), tokens=[s.token for s in steps if not is_end(s.token)],
+        cands = [bon.Candidate(text="".join(s.text for s in steps),
+                               tokens=[s.token for s in steps if not is_end(s.token)],
                                finish_reason=stats["finish_reason"], interventions=stats["interventions"])
                  for steps, stats, _ in runs]
         rewards = [0.0] * total

@@ -35,8 +35,9 @@ class Metrics:
         self.ttft = Histogram("blendin:time_to_first_token_seconds",
                               "From the request's arrival in the queue to its first token", ["method"],
                               buckets=LATENCY_BUCKETS, registry=r)
-        self.tpot = Histogram("blendin:time_per_output_token_seconds", "Mean time per token after the first, per request",
-                              ["method"], buckets=LATENCY_BUCKETS, registry=r)
+        self.tpot = Histogram("blendin:time_per_output_token_seconds",
+                              "Mean time per token after the first, per request", ["method"],
+                              buckets=LATENCY_BUCKETS, registry=r)
         self.rate = Histogram("blendin:request_intervention_rate", "Share of a request's tokens the guide steered",
                               ["method"], buckets=FRACTION_BUCKETS, registry=r)
         self.alpha = Histogram("blendin:request_mean_alpha", "A request's mean mixing weight alpha where it intervened",

@@ -125,9 +125,9 @@ async def complete_prompts(server, request, req, prompts: list[tuple[str | list[
         entries = (req.logprobs + 1) * sum((len(tokens.base) - shown_from if req.echo else 0) + kwargs["max_tokens"]
                                            for (_, shown_from), (tokens, kwargs) in zip(prompts, prepared))
         if entries > MAX_LOGPROB_ENTRIES:
-            raise ApiError(400, f"the answer would hold up to {entries} log-probabilities (tokens x (logprobs + 1) over "
-                           f"all prompts); a request may ask for {MAX_LOGPROB_ENTRIES} at most (send fewer prompts, "
-                           "fewer tokens or a lower logprobs)", param="logprobs", code="invalid_value")
+            raise ApiError(400, f"the answer would hold up to {entries} log-probabilities (tokens x (logprobs + 1) "
+                           f"over all prompts); a request may ask for {MAX_LOGPROB_ENTRIES} at most (send fewer "
+                           "prompts, fewer tokens or a lower logprobs)", param="logprobs", code="invalid_value")
     turns = asyncio.Semaphore(server.batcher.parallel)
 
     async def one(index: int):
