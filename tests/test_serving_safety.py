@@ -180,20 +180,24 @@ def test_complete_many_keeps_the_other_prompts_results(monkeypatch):
 
 
 # ---- 3. the engine thread: a failure, and close ------------------------------------------------------
-ENGINE_FAILS = """
+# an in-process server on the demo pair with PARALLEL slots of 512 tokens; main() talks to it as c
+IN_PROCESS = """
 import asyncio, json
 import httpx
 import blendin_cpp as bc
 from blendin_cpp import server as srv
 from blendin_cpp.demo import demo_path
-base, guide = (bc.Model(demo_path(r), n_ctx=512, n_seq_max=2, n_threads=1) for r in ("base", "guide"))
+base, guide = (bc.Model(demo_path(r), n_ctx=512 * PARALLEL, n_seq_max=2, n_threads=1) for r in ("base", "guide"))
 defaults = dict(max_tokens=8, temperature=0.0, top_k=0, top_p=1.0, min_p=0.0, seed=0, stop=[])
-server = srv.Server(bc.Blender(base, guide), model_id="demo", defaults=defaults, parallel=2)
+server = srv.Server(bc.Blender(base, guide), model_id="demo", defaults=defaults, parallel=PARALLEL)
 out = {}
 
 async def main():
     transport = httpx.ASGITransport(app=srv.create_app(server))
-    async with httpx.AsyncClient(transport=transport, base_url="http://t", timeout=30) as c:
+    async with httpx.AsyncClient(transport=transport, base_url="http://t", timeout=60) as c:
+"""
+
+ENGINE_FAILS = IN_PROCESS.replace("PARALLEL", "2") + """
         body = {"prompt": "What is 38 + 41?", "max_tokens": 8}
         out["before"] = (await c.post("/v1/completions", json=body)).status_code
         def boom():
@@ -211,20 +215,7 @@ server.close()
 print(json.dumps(out))
 """
 
-CLOSE = """
-import asyncio, json
-import httpx
-import blendin_cpp as bc
-from blendin_cpp import server as srv
-from blendin_cpp.demo import demo_path
-base, guide = (bc.Model(demo_path(r), n_ctx=1024, n_seq_max=2, n_threads=1) for r in ("base", "guide"))
-defaults = dict(max_tokens=8, temperature=0.0, top_k=0, top_p=1.0, min_p=0.0, seed=0, stop=[])
-server = srv.Server(bc.Blender(base, guide), model_id="demo", defaults=defaults, parallel=1)
-out = {}
-
-async def main():
-    transport = httpx.ASGITransport(app=srv.create_app(server))
-    async with httpx.AsyncClient(transport=transport, base_url="http://t", timeout=60) as c:
+CLOSE = IN_PROCESS.replace("PARALLEL", "1") + """
         long = {"prompt": "Once upon a time", "max_tokens": 400, "ignore_eos": True}
         running = asyncio.create_task(c.post("/v1/completions", json=long))
         waiting = asyncio.create_task(c.post("/v1/completions", json=long))
