@@ -48,7 +48,9 @@ def add_parser(subparsers) -> None:
                    help="requests decoded together, each with --ctx tokens of context (default 4: on 2 CPU "
                         "cores a batch of 4 rows costs 2.3-3x one row and one of 8 rows 3.9-5.9x, so 4 gains "
                         "most of what batching can; each slot adds --ctx KV cells per model)")
-    s.add_argument("--n-seq", type=int, default=4, help="parallel sequences per model, for n / best_of requests")
+    s.add_argument("--n-seq", type=int, default=4,
+                   help="parallel sequences per model for scoring best_of's candidates together (the candidates "
+                        "themselves run in the --parallel slots)")
     s.add_argument("--timeout-request", type=float, default=30.0, metavar="SECONDS",
                    help="a request's head and body must arrive within this time of the connection (or of the "
                         "previous response on it); slower clients are disconnected (default 30)")
