@@ -384,7 +384,12 @@ class Blender:
         return results  # type: ignore[return-value]
 
     def _models(self) -> list[Model]:
-        return [m for m in (self.base, self.guide, self.anti) if m is not None]
+        return list(self._roles().values())
+
+    def _roles(self) -> dict[str, Model]:
+        """{"base": ..., "guide": ..., "anti": ...}: the models given."""
+        given = (("base", self.base), ("guide", self.guide), ("anti", self.anti))
+        return {role: m for role, m in given if m is not None}
 
     def reset(self) -> None:
         """Empty the models' KV caches (the next prompt is read in full)."""

@@ -51,12 +51,10 @@ class Server:
         self.blender, self.model_id, self.defaults = blender, model_id, defaults
         self.api_key = api_key
         self.allowed_hosts, self.allowed_origins = allowed_hosts, allowed_origins
-        for role, m in (("base", blender.base), ("guide", blender.guide), ("anti", blender.anti)):
-            if m is not None:  # messages name the served model, never a file on this machine
-                m.name = f"the {role} model of {model_id!r}"
+        for role, m in blender._roles().items():  # messages name the served model, never a file on this machine
+            m.name = f"the {role} model of {model_id!r}"
         self.batcher = Batcher(blender, parallel, max_queue)
-        self.metrics = Metrics(self.batcher, {role: m for role, m in (("base", blender.base), ("guide", blender.guide),
-                                                                      ("anti", blender.anti)) if m is not None})
+        self.metrics = Metrics(self.batcher, blender._roles())
         self.n_ctx = self.batcher.slot_ctx  # each request's context: the models' cells are shared by the slots
         self.max_tokens_limit = min(max_tokens_limit, self.n_ctx)
         self.created = int(time.time())

@@ -5,10 +5,10 @@ Every call on the Blender and its models happens on this thread, so nothing else
 them. Each loop: take what arrived (new requests, cancellations, whole-model jobs), admit waiting
 requests to free slots (first come, first served), and decode one token for every running request
 (`_core.Scheduler.step`: one batched decode per model and phase). A job that needs the models alone
-(best-of-N, scoring an echoed prompt, or a request with other Alignment Vector scales, which change
-the base's weights) waits at the head of the queue until the running requests finish; the requests
-behind it wait too, so none overtakes another. A client that leaves takes its request or job out
-of the queue (a job already running ends: it is bounded by one request's context).
+(best_of's rewards, scoring an echoed prompt, or a request with other Alignment Vector scales,
+which change the base's weights) waits at the head of the queue until the running requests finish;
+the requests behind it wait too, so none overtakes another. A client that leaves takes its request
+or job out of the queue (a job already running finishes: it is bounded by one request's context).
 
 A request that fails ends alone (the scheduler's error names it). Should the thread itself fail,
 or the server close, every request waiting or running gets that reason as its error (503), later
@@ -91,7 +91,8 @@ async def gather_while_connected(request, coros) -> list | None:
     """Run the coroutines together (one request's parts: candidates, prompts) and return their
     results; None as soon as the client leaves, and one's error as soon as it fails. Either way
     the others are cancelled: their runs close and their queued jobs are dropped."""
-    gathered = asyncio.gather(*coros)
+    tasks = [asyncio.ensure_future(c) for c in coros]
+    gathered = asyncio.gather(*tasks)
     try:
         while True:
             done, _ = await asyncio.wait({gathered}, timeout=WAIT_POLL_S)
@@ -100,7 +101,8 @@ async def gather_while_connected(request, coros) -> list | None:
             if await request.is_disconnected():
                 return None
     finally:
-        gathered.cancel()
+        for t in tasks:  # a gather that ended with one's error leaves the others running
+            t.cancel()
 
 
 def _settle(loop, future: asyncio.Future, result, error: BaseException | None) -> None:
@@ -353,9 +355,7 @@ class Batcher:
 
     def _note_kv(self) -> None:
         """Publish what the KV caches hold (read here, by the thread that owns the models)."""
-        self.kv_tokens = {role: m._handle.kv_tokens for role, m in
-                          (("base", self.blender.base), ("guide", self.blender.guide), ("anti", self.blender.anti))
-                          if m is not None}
+        self.kv_tokens = {role: m._handle.kv_tokens for role, m in self.blender._roles().items()}
 
     def _step(self) -> None:
         try:
