@@ -168,12 +168,18 @@ NB_MODULE(_core, m) {
     m.def("rpc_serve", &blendin::rpc::serve, "endpoint"_a, "cache_dir"_a, "n_threads"_a,
           nb::call_guard<nb::gil_scoped_release>(), "Run ggml's RPC server on this CPU (returns only on failure).");
     m.def("methods", &blendin::method_names, "The method names, in the core's order.");
+    m.def("uses_roles", [](const std::string& name) {
+        const blendin::Method m = blendin::method_from_name(name);
+        return nb::make_tuple(blendin::uses_base(m), blendin::uses_guide(m), blendin::uses_anti(m));
+    }, "method"_a, "(base, guide, anti): the models the method reads.");
     m.def("param_ranges", [] {
         nb::dict d;
         for (const auto& r : blendin::param_ranges())
             d[r.name.c_str()] = nb::make_tuple(r.lo, r.hi, r.lo_open, r.hi_open, r.integer, r.text());
         return d;
     }, "name -> (lo, hi, lo_open, hi_open, integer, text): the valid range of each numeric parameter.");
+    m.def("check_param", &blendin::check_param, "name"_a, "value"_a,
+          "Raise ValueError naming the parameter when the value (as given) is outside its range.");
 
     nb::class_<Model>(m, "Model")
         .def("__init__", [](Model* self, const std::string& path, int n_ctx, int n_batch, int n_seq_max,
@@ -197,6 +203,8 @@ NB_MODULE(_core, m) {
         .def_prop_ro("eot", &Model::eot)
         .def_prop_ro("add_bos", &Model::add_bos)
         .def_prop_ro("path", &Model::path)
+        .def_prop_rw("name", &Model::name, &Model::set_name)
+        .def_prop_ro("kv_tokens", &Model::kv_tokens)
         .def_prop_ro("architecture", &Model::architecture)
         .def_prop_ro("chat_template", &Model::chat_template)
         .def_prop_ro("description", &Model::description)
@@ -428,12 +436,14 @@ NB_MODULE(_core, m) {
                  for (auto& e : events) {
                      const bool done = !e.step.finish_reason.empty();
                      nb::object stats = done ? nb::object(stats_dict(e.stats)) : nb::none();
-                     nb::object error = e.error.empty() ? nb::none() : nb::object(nb::str(e.error.c_str()));
+                     // the request's own error is a ValueError (its parameters or input), any other a BlendError
+                     nb::object error = e.error.empty() ? nb::none()
+                                        : nb::handle(e.invalid ? PyExc_ValueError : blend_error.ptr())(nb::str(e.error.c_str()));
                      out.append(nb::make_tuple(e.id, nb::cast(std::move(e.step)), stats, error));
                  }
                  return out;
              }, "Admit waiting requests, then one token for every running one: a list of "
-                "(id, Step, stats when it finished else None, error when it failed else None).")
+                "(id, Step, stats when it finished else None, the exception that ended it else None).")
         .def_prop_ro("n_slots", &Scheduler::n_slots)
         .def_prop_ro("slot_ctx", &Scheduler::slot_ctx)
         .def_prop_ro("running", &Scheduler::running)

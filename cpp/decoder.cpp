@@ -47,7 +47,7 @@ const std::vector<float>& Decoder::without_eog(const std::vector<float>& p) {
         if (facts_.eog[i]) no_eog_[i] = 0;
         sum += no_eog_[i];
     }
-    if (!(sum > 0)) throw Error("ignore_eos: the policy gives all its probability to end tokens");
+    if (!(sum > 0)) throw ValueError("ignore_eos: the policy gives all its probability to end tokens");
     for (auto& x : no_eog_) x = static_cast<float>(x / sum);
     return no_eog_;
 }

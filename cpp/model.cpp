@@ -240,10 +240,17 @@ bool Model::is_eog(Token t) const { return t >= 0 && t < n_vocab_ && llama_vocab
 bool Model::is_control(Token t) const { return t >= 0 && t < n_vocab_ && llama_vocab_is_control(vocab_, t); }
 bool Model::is_bpe() const { return llama_vocab_type(vocab_) == LLAMA_VOCAB_TYPE_BPE; }
 
+long Model::kv_tokens() const {
+    Lease::Read read(lease_, name());
+    long n = 0;
+    for (const auto& seq : seqs_) n += static_cast<long>(seq.size());
+    return n;
+}
+
 void Model::check_tokens(const std::vector<Token>& tokens) const {
     for (Token t : tokens)
         if (t < 0 || t >= n_vocab_)
-            throw ValueError("token " + std::to_string(t) + " is outside the vocabulary of '" + path_ + "' (" +
+            throw ValueError("token " + std::to_string(t) + " is outside the vocabulary of " + name() + " (" +
                              std::to_string(n_vocab_) + " tokens)");
 }
 
@@ -357,8 +364,8 @@ void Model::decode(const std::vector<BatchItem>& items) {
         if (it.token < 0 || it.token >= n_vocab_) check_tokens({it.token});  // throws, naming the vocabulary
         check_seq(it.seq);
         if (static_cast<int>(next[it.seq]) >= n_ctx_)
-            throw ValueError("cannot decode at position " + std::to_string(next[it.seq]) + ": the context of '" + path_ +
-                             "' holds " + std::to_string(n_ctx_) + " tokens (raise n_ctx)");
+            throw ValueError("cannot decode at position " + std::to_string(next[it.seq]) + ": the context of " + name() +
+                             " holds " + std::to_string(n_ctx_) + " tokens (raise n_ctx)");
         ++next[it.seq];
     }
     llama_batch& b = *batch_;
@@ -377,7 +384,7 @@ void Model::decode(const std::vector<BatchItem>& items) {
     rows_.clear();
     int rc = 0;
     // with RPC servers, wait for the results inside the guard: afterwards nothing is in flight
-    remote("decoding with '" + path_ + "'", [&] {
+    remote("decoding with " + name(), [&] {
         rc = llama_decode(ctx_, b);
         if (!rpc_.empty()) llama_synchronize(ctx_);
     });
@@ -389,7 +396,7 @@ void Model::decode(const std::vector<BatchItem>& items) {
             if (next[s] != length[s]) llama_memory_seq_rm(llama_get_memory(ctx_), s, static_cast<llama_pos>(length[s]), -1);
         std::string why = take_errors();
         if (rc == 1)
-            throw Error("the KV cache of '" + path_ + "' is full: its " + std::to_string(n_ctx_) +
+            throw Error("the KV cache of " + name() + " is full: its " + std::to_string(n_ctx_) +
                         " cells are shared by all sequences (raise n_ctx, or run fewer sequences at once)");
         throw Error("llama_decode failed with code " + std::to_string(rc) + (why.empty() ? "" : ": " + why));
     }

@@ -107,6 +107,8 @@ public:
     // ---- the KV cache: the Model alone records what each sequence holds ----
     // (valid while the caller holds the lease; from another thread, copy it under a Lease::Read)
     const std::vector<Token>& tokens(int seq) const;
+    // The tokens all sequences hold together (a prefix one sequence shares with another counts twice).
+    long kv_tokens() const;
 
     // Decode one batch (at most n_batch items), each item appended to its sequence. logits(i) is
     // the i-th row that asked for logits, until the next decode (truncate and copy_seq leave the
@@ -154,7 +156,10 @@ public:
     // Held by whoever runs a sequence of calls that must not interleave with another thread's.
     // (mutable: a read of a const Model takes it too)
     Lease& lease() const { return lease_; }
-    std::string name() const { return "the model '" + path_ + "'"; }
+    // How messages name the model: "the model 'PATH'" unless set (a server names its models by
+    // their served name, not by a file on its disk).
+    std::string name() const { return name_.empty() ? "the model '" + path_ + "'" : name_; }
+    void set_name(const std::string& name) { name_ = name; }
     const std::vector<std::string>& rpc() const { return rpc_.endpoints(); }
 
 private:
@@ -163,7 +168,7 @@ private:
     // A llama.cpp call that may reach an RPC server: guarded against the server failing (rpc.h).
     void remote(const std::string& what, const std::function<void()>& fn);
 
-    std::string path_;
+    std::string path_, name_;
     llama_model* model_ = nullptr;
     llama_context* ctx_ = nullptr;
     const llama_vocab* vocab_ = nullptr;

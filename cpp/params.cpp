@@ -40,12 +40,13 @@ std::string Range::text() const {
 
 const std::vector<Range>& param_ranges() {
     static const std::vector<Range> ranges = {
-        {"gamma", 0, kInf, false, true, false},
+        // every real number is bounded: beyond its range a float overflows (3e38 * a logit is inf)
+        {"gamma", 0, 10, false, false, false},
         {"alpha", 0, 1, false, false, false},  // or auto
-        {"beta", -kInf, kInf, true, true, false},
-        {"lambda", -kInf, kInf, true, true, false},
+        {"beta", -100, 100, false, false, false},
+        {"lambda", -100, 100, false, false, false},
         {"max_intervention_rate", 0, 1, false, false, false},
-        {"temperature", 0, kInf, false, true, false},
+        {"temperature", 0, 100, false, false, false},
         {"top_k", 0, kInf, false, true, true},
         {"top_p", 0, 1, true, false, false},
         {"min_p", 0, 1, false, true, false},
@@ -81,6 +82,8 @@ void check(const char* name, double v) {
                               ", got " + number(v));
 }
 }  // namespace
+
+void check_param(const std::string& name, double value) { check(name.c_str(), value); }
 
 void validate(const GenParams& p) {
     const PolicyParams& q = p.policy;

@@ -80,6 +80,10 @@ struct Range {
 const std::vector<Range>& param_ranges();
 const Range& param_range(const std::string& name);
 
+// Throws ValueError naming the parameter when `value` is outside its range (the value as the
+// caller gave it: a double, before it is narrowed to the core's float or int).
+void check_param(const std::string& name, double value);
+
 // Throws ValueError naming the first parameter out of range.
 void validate(const GenParams& p);
 

@@ -10,6 +10,15 @@ namespace blendin {
 
 namespace {
 constexpr float kNaN = std::numeric_limits<float>::quiet_NaN();
+
+// Logit arithmetic (proxy, DeRa) that left a non-finite value would give a NaN distribution and a
+// token outside the vocabulary: the request that asked for it fails, with the reason.
+void check_finite(const std::vector<float>& logits, const char* method) {
+    bool finite = true;
+    for (float x : logits) finite &= std::isfinite(x);
+    if (!finite)
+        throw ValueError(std::string("the ") + method + " distribution is not finite: its logits overflowed");
+}
 }  // namespace
 
 const char* source_name(Source s) {
@@ -131,6 +140,7 @@ const std::vector<float>& Policy::combine(bool consulted, const float* la, StepI
             // proxy-tuning: log p = l_b + beta (l_g - l_anti), renormalised
             BLENDIN_CHECK(la != nullptr && lg_ != nullptr);
             for (int i = 0; i < n_; ++i) out_[i] = lb_[i] + params_.beta * (lg_[i] - la[i]);
+            check_finite(out_, "proxy");
             softmax(out_.data(), n_, out_.data());  // in place: each entry is read before written
             info.alpha = kNaN;  // not a mixing weight
             info.source = Source::Blend;
@@ -141,6 +151,7 @@ const std::vector<float>& Policy::combine(bool consulted, const float* la, StepI
             BLENDIN_CHECK(lg_ != nullptr);
             const float l = params_.lambda;
             for (int i = 0; i < n_; ++i) out_[i] = (1 - l) * lb_[i] + l * lg_[i];
+            check_finite(out_, "dera");
             softmax(out_.data(), n_, out_.data());
             info.alpha = kNaN;
             info.source = Source::Blend;

@@ -33,6 +33,7 @@ Scheduler::Scheduler(Engine& engine, int n_slots, int slot_ctx) : engine_(engine
                              " (load it with n_ctx = parallel x context)");
     }
     slots_.resize(n_slots);
+    empty_other_sequences();
     if (engine.bridged()) guide_p_.resize(models_[kGuide]->n_vocab());
 }
 
@@ -74,7 +75,15 @@ void Scheduler::cancel(long id) {
         }
 }
 
+void Scheduler::empty_other_sequences() {
+    for (Model* m : models_)
+        if (m)
+            for (int seq = n_slots(); seq < m->n_seq_max(); ++seq)
+                if (!m->tokens(seq).empty()) m->truncate(seq, 0);
+}
+
 void Scheduler::admit() {
+    if (!queue_.empty()) empty_other_sequences();
     while (!queue_.empty()) {
         Request& r = queue_.front();
         // the free slot whose sequence shares the longest prefix with the prompt (a chat's next turn)
@@ -127,7 +136,7 @@ void Scheduler::start(Slot& s, int seq, Request&& r) {
     }
 }
 
-void Scheduler::fetch(int r, const std::vector<int>& which) {
+void Scheduler::fetch(int r, const std::vector<int>& which, std::vector<Event>& events) {
     Model* model = models_[r];
     if (!model || which.empty()) return;
     const bool bridged = r == kGuide && engine_.bridged();
@@ -135,32 +144,48 @@ void Scheduler::fetch(int r, const std::vector<int>& which) {
     std::vector<int> owner;
     for (int i : which) {
         Slot& s = slots_[i];
-        if (s.fresh[r]) continue;
+        if (s.id < 0 || s.fresh[r]) continue;
         if (bridged) {  // the guide reads the text so far through its own tokenizer (see Engine::guide_logits)
-            const Decoder& d = *s.decoder;
-            const std::vector<Token>& read = s.retokenizer->tokens(d.text(), d.readable_text());
-            if (s.guide_prompt.size() + read.size() > static_cast<size_t>(slot_ctx_))
-                throw ValueError("the guide reads the text as " + std::to_string(read.size()) + " tokens after its " +
-                                 std::to_string(s.guide_prompt.size()) + "-token prompt, which do not fit the context of " +
-                                 std::to_string(slot_ctx_) + " tokens per request");
-            s.target[r] = s.guide_prompt;
-            s.target[r].insert(s.target[r].end(), read.begin(), read.end());
+            try {
+                const Decoder& d = *s.decoder;
+                const std::vector<Token>& read = s.retokenizer->tokens(d.text(), d.readable_text());
+                if (s.guide_prompt.size() + read.size() > static_cast<size_t>(slot_ctx_))
+                    throw ValueError("the guide reads the text as " + std::to_string(read.size()) + " tokens after its " +
+                                     std::to_string(s.guide_prompt.size()) + "-token prompt, which do not fit the context of " +
+                                     std::to_string(slot_ctx_) + " tokens per request");
+                s.target[r] = s.guide_prompt;
+                s.target[r].insert(s.target[r].end(), read.begin(), read.end());
+            } catch (const std::exception& e) {
+                fail(i, e, events);
+                continue;
+            }
         }
         requests.push_back({i, &s.target[r]});
         owner.push_back(i);
     }
     const int nv = model->n_vocab(), n_base = engine_.n_vocab();
-    model->sync_all(requests, [&](size_t k, const float* row) {
-        Slot& s = slots_[owner[k]];
-        if (bridged) {
-            softmax(row, nv, guide_p_.data());
-            s.rows[r].resize(n_base);
-            s.unmatched = engine_.bridge_->map_probs(guide_p_.data(), s.rows[r].data(), n_base);
-        } else {
-            s.rows[r].assign(row, row + nv);
-        }
-        s.fresh[r] = true;
-    });
+    try {
+        model->sync_all(requests, [&](size_t k, const float* row) {
+            Slot& s = slots_[owner[k]];
+            if (bridged) {
+                softmax(row, nv, guide_p_.data());
+                s.rows[r].resize(n_base);
+                s.unmatched = engine_.bridge_->map_probs(guide_p_.data(), s.rows[r].data(), n_base);
+            } else {
+                s.rows[r].assign(row, row + nv);
+            }
+            s.fresh[r] = true;
+        });
+    } catch (const std::exception& e) {  // a batched decode that failed: its requests are undecided
+        for (int i : owner) fail(i, e, events);
+    }
+}
+
+void Scheduler::fail(int i, const std::exception& e, std::vector<Event>& events) {
+    Slot& s = slots_[i];
+    events.push_back(Event{s.id, Step{}, Stats{}, e.what(), dynamic_cast<const ValueError*>(&e) != nullptr});
+    s.id = -1;
+    s.decoder.reset();
 }
 
 bool Scheduler::room(Slot& s, Token next) {
@@ -200,57 +225,53 @@ std::vector<Scheduler::Event> Scheduler::step() {
     for (Model* m : models_)
         if (m) hold.add(m->lease(), m->name());
     admit();
+    std::vector<Event> events;
     std::vector<int> live;
     for (int i = 0; i < n_slots(); ++i)
         if (slots_[i].id >= 0) live.push_back(i);
-    std::vector<Event> events;
     if (live.empty()) return events;
     std::vector<char> consult(n_slots());
-    auto with = [&](const std::vector<int>& from, auto&& keep) {  // the slots of `from` that keep(slot, i)
+    auto with = [&](const std::vector<int>& from, auto&& keep) {  // the running slots of `from` that keep(slot, i)
         std::vector<int> out;
         for (int i : from)
-            if (keep(slots_[i], i)) out.push_back(i);
+            if (slots_[i].id >= 0 && keep(slots_[i], i)) out.push_back(i);
         return out;
     };
-    try {
-        for (int r = 0; r < kRoles; ++r)  // the naive loop: every model reads every token
-            fetch(r, with(live, [r](Slot& s, int) { return !s.decoder->params().lazy && s.use[r]; }));
-        // 1. nudged words go on where the guide keeps writing
-        std::vector<int> words = with(live, [](Slot& s, int) { return s.decoder->in_word(); });
-        std::vector<int> rest = with(live, [](Slot& s, int) { return !s.decoder->in_word(); });
-        fetch(kGuide, words);
-        for (int i : words)
-            if (!slots_[i].decoder->continue_word(slots_[i].rows[kGuide].data(), slots_[i].unmatched)) rest.push_back(i);
-        // 2. the gates, from the base's rows
-        fetch(kBase, with(rest, [](Slot& s, int) { return s.use[kBase]; }));
-        for (int i : rest) {
-            Slot& s = slots_[i];
-            consult[i] = s.decoder->gate(s.use[kBase] ? s.rows[kBase].data() : nullptr);
+    auto each = [&](const std::vector<int>& which, auto&& decide) {  // an error ends that slot's request alone
+        for (int i : which) {
+            if (slots_[i].id < 0) continue;
+            try {
+                decide(slots_[i], i);
+            } catch (const std::exception& e) {
+                fail(i, e, events);
+            }
         }
-        // 3. the guides (and antis) the gates consult, one batch per model
-        fetch(kGuide, with(rest, [&](Slot& s, int i) { return consult[i] && s.use[kGuide] && !s.decoder->guide_read(); }));
-        fetch(kAnti, with(rest, [&](Slot& s, int i) { return consult[i] && s.use[kAnti]; }));
-        for (int i : rest) {
-            Slot& s = slots_[i];
-            const bool read = consult[i] && s.use[kGuide] && !s.decoder->guide_read();
-            s.decoder->decide(read ? s.rows[kGuide].data() : nullptr,
-                              consult[i] && s.use[kAnti] ? s.rows[kAnti].data() : nullptr, s.unmatched);
-        }
-    } catch (const std::exception& e) {
-        // a step that failed halfway leaves its requests undecided: they end here, with the reason
-        for (int i : live) {
-            Event ev{slots_[i].id, Step{}, Stats{}, e.what()};
-            slots_[i].id = -1;
-            slots_[i].decoder.reset();
-            events.push_back(std::move(ev));
-        }
-        return events;
-    }
+    };
+    for (int r = 0; r < kRoles; ++r)  // the naive loop: every model reads every token
+        fetch(r, with(live, [r](Slot& s, int) { return !s.decoder->params().lazy && s.use[r]; }), events);
+    // 1. nudged words go on where the guide keeps writing
+    std::vector<int> words = with(live, [](Slot& s, int) { return s.decoder->in_word(); });
+    std::vector<int> rest = with(live, [](Slot& s, int) { return !s.decoder->in_word(); });
+    fetch(kGuide, words, events);
+    each(words, [&](Slot& s, int i) {
+        if (!s.decoder->continue_word(s.rows[kGuide].data(), s.unmatched)) rest.push_back(i);
+    });
+    // 2. the gates, from the base's rows
+    fetch(kBase, with(rest, [](Slot& s, int) { return s.use[kBase]; }), events);
+    each(rest, [&](Slot& s, int i) { consult[i] = s.decoder->gate(s.use[kBase] ? s.rows[kBase].data() : nullptr); });
+    // 3. the guides (and antis) the gates consult, one batch per model
+    fetch(kGuide, with(rest, [&](Slot& s, int i) { return consult[i] && s.use[kGuide] && !s.decoder->guide_read(); }),
+          events);
+    fetch(kAnti, with(rest, [&](Slot& s, int i) { return consult[i] && s.use[kAnti]; }), events);
+    each(rest, [&](Slot& s, int i) {
+        const bool read = consult[i] && s.use[kGuide] && !s.decoder->guide_read();
+        s.decoder->decide(read ? s.rows[kGuide].data() : nullptr,
+                          consult[i] && s.use[kAnti] ? s.rows[kAnti].data() : nullptr, s.unmatched);
+    });
     // 4. every request emits its token; the finished leave
     const auto now = std::chrono::steady_clock::now();
     const bool bridged = engine_.bridged();
-    for (int i : live) {
-        Slot& s = slots_[i];
+    each(live, [&](Slot& s, int) {
         Decoder& d = *s.decoder;
         if (!s.started) {
             s.started = true;
@@ -269,7 +290,7 @@ std::vector<Scheduler::Event> Scheduler::step() {
             }
         }
         events.push_back(std::move(ev));
-    }
+    });
     return events;
 }
 

@@ -32,10 +32,13 @@ public:
         Step step;
         Stats stats;        // of the finished request, when step.finish_reason is set
         std::string error;  // the step failed for this request, which has ended ("": it did not)
+        bool invalid = false;  // the error is the request's own (its parameters or input: a ValueError)
     };
 
     // `n_slots` sequences of every model (at most their n_seq_max), each holding at most
-    // `slot_ctx` tokens (the request's context; the models' cells are shared by all slots).
+    // `slot_ctx` tokens (the request's context; the models' cells are shared by all slots). The
+    // sequences above the slots are emptied here and before each admission: their cells are the
+    // slots' (a batch with more sequences, best-of-N say, may have left them full).
     Scheduler(Engine& engine, int n_slots, int slot_ctx);
 
     // Queue a generation; returns its id. Checks the parameters (Engine::check) and that the
@@ -45,7 +48,9 @@ public:
     // A waiting or running request leaves now (its slot is free at the next step); unknown ids
     // (finished already) are ignored.
     void cancel(long id);
-    // Admit waiting requests to free slots, then decide one token for every running request.
+    // Admit waiting requests to free slots, then decide one token for every running request. An
+    // error in one request's decision ends that request alone; one in a batched decode ends the
+    // requests of that batch.
     std::vector<Event> step();
 
     int n_slots() const { return static_cast<int>(slots_.size()); }
@@ -78,9 +83,12 @@ private:
     };
 
     void admit();
+    void empty_other_sequences();
     void start(Slot& slot, int seq, Request&& r);
     // Bring model r of the given slots up to their targets (one batched decode) and copy the rows.
-    void fetch(int r, const std::vector<int>& slots);
+    void fetch(int r, const std::vector<int>& slots, std::vector<Event>& events);
+    // The request in slot i ends with error e (an event for it).
+    void fail(int i, const std::exception& e, std::vector<Event>& events);
     bool room(Slot& slot, Token next);
     Stats finish(Slot& slot);
 

@@ -191,7 +191,7 @@ def test_piped_session(pair, tmp_path):
     assert "\x1b[" not in r.stdout + r.stderr
     assert ">>>" not in r.stdout  # no prompts when nobody types
     assert len(re.findall(SUMMARY, r.stderr)) == 2
-    for message in ("error: gamma must be a number >= 0, got -1",  # the core's check and wording
+    for message in ("error: gamma must be a number in [0, 10], got -1",  # the core's check and wording
                     "error: top_k must be an integer, not '2.5'",
                     "error: unknown method 'telepathy'",
                     "error: unknown command /frobnicate; /help lists the commands"):

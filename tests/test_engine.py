@@ -512,7 +512,7 @@ def test_gil_is_released_while_tokenizing(tiny_model):
     (dict(top_p=0.0), ValueError, "top_p"),
     (dict(max_tokens=0), ValueError, "max_tokens"),
     (dict(stop=[""]), ValueError, "stop"),
-    (dict(lambda_=float("inf")), ValueError, "lambda must be a finite number"),
+    (dict(lambda_=float("inf")), ValueError, r"lambda must be a number in \[-100, 100\], got inf"),
     (dict(seed=-1), ValueError, "seed must be an integer >= 0 and below 2"),
     (dict(min_p=1.0), ValueError, r"min_p must be a number in \[0, 1\), got 1"),
     (dict(top_logprobs=101), ValueError, r"top_logprobs must be an integer in \[0, 100\]"),

@@ -274,8 +274,8 @@ def test_concurrent_requests_equal_the_same_requests_alone(parallel_server):
             a = [x["logprob"] for x in lp_alone["content"]] if "content" in lp_alone else lp_alone["token_logprobs"]
             b = [x["logprob"] for x in lp["content"]] if "content" in lp else lp["token_logprobs"]
             assert max(abs(x - y) for x, y in zip(a, b)) < LOGPROB_TOL
-    assert httpx.get(f"{url}/health").json() == {"status": "ok", "busy": False, "running": 0, "waiting": 0,
-                                                "parallel": PARALLEL}
+    assert httpx.get(f"{url}/health").json() == {"status": "ok", "busy": False, "running": 0, "job": None,
+                                                "waiting": 0, "parallel": PARALLEL}
 
 
 def test_a_short_request_is_not_starved_by_long_ones(parallel_server):

@@ -148,8 +148,8 @@ def test_openai_logprobs(client):
 def test_models_and_health(server):
     models = httpx.get(f"{server}/v1/models", headers=AUTH).json()
     assert models["object"] == "list" and len(models["data"]) == 1
-    assert httpx.get(f"{server}/health").json() == {"status": "ok", "busy": False, "running": 0, "waiting": 0,
-                                                   "parallel": 4}
+    assert httpx.get(f"{server}/health").json() == {"status": "ok", "busy": False, "running": 0, "job": None,
+                                                   "waiting": 0, "parallel": 4}
 
 
 def test_ctrl_c_stops_the_server_cleanly(model_dir, tmp_path):
@@ -178,7 +178,7 @@ def test_load_32_clients(server):
     print(json.dumps({k: v for k, v in rep.items() if k != "mismatches"}))
     assert rep["mismatches"] == []
     assert rep["completed"] == 96 - 4 and rep["hung_up"] == 4 and rep["unique_ids"]
-    assert rep["health"] == {"status": "ok", "busy": False, "running": 0, "waiting": 0, "parallel": 4}
+    assert rep["health"] == {"status": "ok", "busy": False, "running": 0, "job": None, "waiting": 0, "parallel": 4}
 
 
 @pytest.mark.parametrize("stream", [True, False], ids=["stream", "plain"])
@@ -310,7 +310,7 @@ async def models_held(server):
     def hold():
         started.set()
         release.wait(30)
-    asyncio.get_running_loop().create_task(server.batcher.exclusive(hold))
+    asyncio.get_running_loop().create_task(server.batcher.exclusive(None, hold, "hold"))
     while not started.is_set():
         await asyncio.sleep(0.001)
     return release

@@ -11,9 +11,9 @@ load_libllama()
 
 from ._core import BlendError, set_verbose  # noqa: E402
 from .model import ContextLengthError, Model  # noqa: E402
-from .blender import METHODS, Blender, Completion, Score, Step  # noqa: E402
+from .blender import METHODS, Blender, Completion, PromptsFailed, Score, Step  # noqa: E402
 from .chat_template import base_transcript  # noqa: E402
 
 __version__ = "0.1.0"
-__all__ = ["Model", "Blender", "Step", "Completion", "Score", "METHODS", "BlendError", "ContextLengthError",
-           "base_transcript", "set_verbose"]
+__all__ = ["Model", "Blender", "Step", "Completion", "Score", "METHODS", "BlendError", "PromptsFailed",
+           "ContextLengthError", "base_transcript", "set_verbose"]

@@ -54,6 +54,20 @@ class Score:
         return float(sum(self.logprobs))
 
 
+class PromptsFailed(BlendError):
+    """`Blender.complete_many` when some prompts failed (each alone: the others ran to their ends).
+    `results[i]` is prompt i's Completion, None where it failed; `errors` maps the index of each
+    failed prompt to its exception (ValueError: the prompt's own parameters or input, such as
+    ignore_eos where the policy can only end; BlendError otherwise)."""
+
+    def __init__(self, results: list, errors: dict):
+        self.results, self.errors = results, errors
+        shown = "; ".join(f"prompt {i}: {e}" for i, e in sorted(errors.items())[:3])
+        more = f"; and {len(errors) - 3} more" if len(errors) > 3 else ""
+        super().__init__(f"{len(errors)} of {len(results)} prompts failed ({shown}{more}); "
+                         "the others' results are in .results")
+
+
 @dataclass
 class Completion:
     text: str
@@ -73,9 +87,11 @@ def _is_token_list(x) -> bool:
 
 
 def _number(name: str, value) -> float:
-    """Python's part of the checks: the type. The range is the core's (GenParams.validate)."""
+    """Python's part of the checks: the type; then the core's range, on the value as given (the
+    core keeps a float: 1e300 would reach it as inf)."""
     if isinstance(value, bool) or not isinstance(value, (int, float)):
         raise TypeError(f"{name} must be a number, got {type(value).__name__} {value!r}")
+    _core.check_param(name, float(value))
     return float(value)
 
 
@@ -149,17 +165,23 @@ class Blender:
         # "check it, then step" and "replace it, then start" one move each, across threads
         self._current = None
         self._lock = threading.Lock()
+        self._owner: int | None = None  # the thread holding _lock
 
     @contextmanager
     def _turn(self):
         """Hold the Blender for one engine call; another thread meanwhile gets a BlendError at
         once, as the core's own leases do."""
         if not self._lock.acquire(blocking=False):
+            if self._owner == threading.get_ident():
+                raise BlendError("this Blender is busy with a call on this same thread (complete_many's on_done "
+                                 "cannot use it: keep what it needs and call after complete_many returns)")
             raise BlendError("this Blender is in use by another thread: it serves one call at a time "
                              "(serialize the calls, or give each thread its own)")
+        self._owner = threading.get_ident()
         try:
             yield
         finally:
+            self._owner = None
             self._lock.release()
 
     def configure(self, **settings) -> None:
@@ -326,9 +348,14 @@ class Blender:
         speculative verification is not used (greedy tokens are the same). `parallel` defaults
         to the models' n_seq_max, and the context is shared: each prompt gets n_ctx // parallel
         tokens (load the models with n_ctx = parallel x the context one prompt needs).
-        `on_done(index, completion)` is called as each finishes (for progress). The statistics'
-        decode counts are the models' while the prompt ran (shared with the prompts batched with
-        it); prefill_s runs from the call to its first token."""
+        `on_done(index, completion)` is called as each finishes (for progress; it cannot call
+        this Blender). The statistics' decode counts are the models' while the prompt ran
+        (shared with the prompts batched with it); prefill_s runs from the call to its first token.
+        A prompt that fails while it runs ends alone; the others run to their ends, and then
+        PromptsFailed carries every result (None where a prompt failed) and each failure."""
+        if isinstance(prompts, (str, bytes, PromptTokens)) or _is_token_list(prompts):
+            raise TypeError("complete_many takes a list of prompts; a single prompt (a string, token ids, "
+                            "PromptTokens) goes in a list of one, or to complete()")
         prompts = list(prompts)
         if not prompts:
             return []
@@ -344,6 +371,7 @@ class Blender:
                                  settings={**self.defaults, **kwargs})
         tokens = [self.prompts(p, guide_prompt) for p in prompts]
         results: list[Completion | None] = [None] * len(prompts)
+        errors: dict[int, Exception] = {}
         with self._turn():
             self._current = None  # a generation in progress ends here
             scheduler = _core.Scheduler(self._engine, parallel, slot_ctx)
@@ -351,8 +379,10 @@ class Blender:
             steps: dict[int, list[Step]] = {i: [] for i in index}
             while not scheduler.idle:
                 for rid, step, stats, error in scheduler.step():
-                    if error is not None:
-                        raise BlendError(f"prompt {index[rid]} failed: {error}")
+                    if error is not None:  # this prompt alone ends; the others go on
+                        errors[index[rid]] = error
+                        steps.pop(rid)
+                        continue
                     steps[rid].append(step)
                     if stats is not None:
                         done = steps.pop(rid)
@@ -361,10 +391,17 @@ class Blender:
                         results[index[rid]] = c
                         if on_done is not None:
                             on_done(index[rid], c)
+        if errors:
+            raise PromptsFailed(results, errors)
         return results  # type: ignore[return-value]
 
     def _models(self) -> list[Model]:
-        return [m for m in (self.base, self.guide, self.anti) if m is not None]
+        return list(self._roles().values())
+
+    def _roles(self) -> dict[str, Model]:
+        """{"base": ..., "guide": ..., "anti": ...}: the models given."""
+        given = (("base", self.base), ("guide", self.guide), ("anti", self.anti))
+        return {role: m for role, m in given if m is not None}
 
     def reset(self) -> None:
         """Empty the models' KV caches (the next prompt is read in full)."""

@@ -4,6 +4,9 @@ from __future__ import annotations
 from pathlib import Path
 
 ROLES = ("base", "guide", "guide-unreliable", "anti", "guide-xvocab")
+# the context the demo models were trained on (models/train_demo.py); their files say 2048, the
+# writer's default, but positions beyond this one were never seen
+TRAINED_CTX = 512
 
 
 def demo_dir() -> Path:

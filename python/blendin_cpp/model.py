@@ -16,7 +16,11 @@ from .text import check_text, literal_pattern
 
 
 class ContextLengthError(ValueError):
-    """A prompt that cannot fit a model's context."""
+    """A prompt that cannot fit a model's context; `min_tokens`: the fewest tokens it can have."""
+
+    def __init__(self, message: str, min_tokens: int):
+        super().__init__(message)
+        self.min_tokens = min_tokens
 
 
 AMX_ENV = "BLENDIN_CPP_AMX"
@@ -161,9 +165,10 @@ class Model:
         n = len(check_text(what, text).encode("utf-8"))
         longest = self._vocab_text[2]
         if n > self.n_ctx * longest:
-            raise ContextLengthError(f"{what} has {n} bytes, so at least {-(-n // longest)} tokens (a token of "
-                                     f"{self.path} stands for {longest} bytes at most): more than its context "
-                                     f"of {self.n_ctx} tokens")
+            least = -(-n // longest)
+            raise ContextLengthError(f"{what} has {n} bytes, so at least {least} tokens (a token of {self.name} "
+                                     f"stands for {longest} bytes at most): more than its context of {self.n_ctx} "
+                                     "tokens", least)
 
     def chat_tokens(self, messages: Sequence[dict], *, add_generation_prompt: bool = True) -> list[int]:
         """This model's prompt for a conversation: its chat template rendered, the template's own
@@ -239,6 +244,16 @@ class Model:
     @property
     def n_ctx(self) -> int:
         return self._handle.n_ctx
+
+    @property
+    def name(self) -> str:
+        """How messages name this model: "the model 'PATH'" unless set (a server names its models
+        by their served name)."""
+        return self._handle.name
+
+    @name.setter
+    def name(self, value: str) -> None:
+        self._handle.name = value
 
     @property
     def n_ctx_train(self) -> int:

@@ -22,7 +22,9 @@ def add_model_args(p: argparse.ArgumentParser) -> None:
     g.add_argument("--guide", help="the guide model (instruction-tuned GGUF; another tokenizer goes through the "
                                    "vocabulary bridge)")
     g.add_argument("--anti", help="the guide's untuned sibling (needed by --method proxy)")
-    g.add_argument("--ctx", type=int, default=2048, help="context length per model (default 2048)")
+    g.add_argument("--ctx", type=int, default=None,
+                   help=f"context length per model (default 2048; {demo.TRAINED_CTX} for the demo models, which were "
+                        "trained on that: beyond it their answers are unreliable)")
     g.add_argument("--n-gpu-layers", type=int, default=None,
                    help="layers to offload to the GPU or the RPC servers (-1 = all; default: none, all with --rpc)")
     g.add_argument("--rpc", metavar="HOST:PORT[,HOST:PORT...]",
@@ -155,6 +157,12 @@ def load_models(args, need_anti: bool = False, log=None, n_seq_max: int = 1, par
     from .alignment_vectors import runtime_adapters
     from .model import Model
     paths = model_paths(args, need_anti, log)
+    demo_base = paths["base"] == demo.demo_path("base")
+    if args.ctx is None:
+        args.ctx = demo.TRAINED_CTX if demo_base else 2048
+    elif demo_base and args.ctx > demo.TRAINED_CTX:
+        print(f"warning: --ctx {args.ctx} goes beyond the {demo.TRAINED_CTX} tokens the demo models were trained on: "
+              "past that their answers are unreliable", file=log or sys.stderr, flush=True)
     kw = dict(n_ctx=args.ctx * parallel, n_gpu_layers=args.n_gpu_layers, n_threads=args.threads,
               verbose=args.verbose, n_seq_max=max(n_seq_max, parallel))
     # Alignment Vectors (--av PATH:SCALE): LoRA adapters on the base, checked against it

@@ -1,21 +1,23 @@
 """`python -m blendin_cpp serve`: an OpenAI-compatible HTTP server over one Blender.
 
 Endpoints: POST /v1/chat/completions, POST /v1/completions (both with `stream`), GET /v1/models,
-GET /v1/parameters (what a request may set: defaults and ranges), GET /health, and the chat page
-at / (server/webui/, docs/webui.md; `--no-webui` leaves it out). The models are fixed when the
-server starts; a request can choose the blending (`method`, `gamma`, `alpha`, `beta`, `lambda`,
-`max_intervention_rate`) and the sampling, never a file. Chat requests give the base a plain
-transcript and the guide its chat template; a completion prompt goes to the base as it is and to
-the guide as one user message (`Blender.generate`).
+GET /v1/parameters (what a request may set: defaults and ranges), GET /health, GET /metrics
+(Prometheus), and the chat page at / (server/webui/, docs/webui.md; `--no-webui` leaves it out);
+limits, the browser guards and the metrics: docs/serving.md. The models are fixed when the server
+starts; a request can choose the blending (`method`, `gamma`, `alpha`, `beta`, `lambda`,
+`max_intervention_rate`, `guide_ends`), the sampling and the repetition controls, never a file.
+Chat requests give the base a plain transcript and the guide its chat template; a completion
+prompt goes to the base as it is and to the guide as one user message (`Blender.generate`).
 
 Concurrency: one thread owns the models (server/batcher.py). Up to --parallel requests run at
 once, each in its own KV sequence of every model (its slot), and every step decodes the next token
 of all of them together, one llama.cpp batch per model (continuous batching: a new request joins at
 the next step, a finished, stopped or disconnected one leaves at once). Each request gets --ctx
 tokens of context; the models hold --parallel x --ctx KV cells. Requests wait first come, first
-served; at most --max-queue wait, more get 503. Work that needs the models alone (n > 1 and
-best_of, an echoed prompt's log-probabilities, a request with other Alignment Vector scales) waits
-for the running requests to finish, and the requests behind it wait for it. A request whose prompt
+served; at most --max-queue wait, more get 503. The candidates of n > 1 and best_of are requests
+of their own in the batch. Work that needs the models alone (best_of's rewards, an echoed prompt's
+log-probabilities, a request with other Alignment Vector scales) waits for the running requests to
+finish, and the requests behind it wait for it. A request whose prompt
 extends what a free slot holds (the next turn of a chat) is given that slot and reads only the new
 tokens. Prompts are tokenized on the event loop's worker threads, outside the queue.
 """
@@ -48,7 +50,9 @@ def add_parser(subparsers) -> None:
                    help="requests decoded together, each with --ctx tokens of context (default 4: on 2 CPU "
                         "cores a batch of 4 rows costs 2.3-3x one row and one of 8 rows 3.9-5.9x, so 4 gains "
                         "most of what batching can; each slot adds --ctx KV cells per model)")
-    s.add_argument("--n-seq", type=int, default=4, help="parallel sequences per model, for n / best_of requests")
+    s.add_argument("--n-seq", type=int, default=4,
+                   help="parallel sequences per model for scoring best_of's candidates together (the candidates "
+                        "themselves run in the --parallel slots)")
     s.add_argument("--timeout-request", type=float, default=30.0, metavar="SECONDS",
                    help="a request's head and body must arrive within this time of the connection (or of the "
                         "previous response on it); slower clients are disconnected (default 30)")
@@ -56,6 +60,12 @@ def add_parser(subparsers) -> None:
                    help="close a kept-alive connection idle this long after a response (default 5)")
     s.add_argument("--no-webui", action="store_true",
                    help="do not serve the chat page at / (the API alone; the page is on by default)")
+    s.add_argument("--allowed-hosts", default="", metavar="NAME[,NAME...]",
+                   help="Host names to answer besides IP addresses and localhost (a DNS-rebinding page's requests "
+                        "carry its own name and are refused); '*' answers any")
+    s.add_argument("--allowed-origins", default="", metavar="ORIGIN[,ORIGIN...]",
+                   help="browser origins (https://app.example:8443) whose pages may call the server, besides its own "
+                        "pages; '*' allows any page (then set --api-key)")
     s.add_argument("--log-level", default="info", choices=("critical", "error", "warning", "info", "debug"))
     p.set_defaults(func=cmd_serve)
 
@@ -75,8 +85,11 @@ def cmd_serve(args) -> int:
     model_id = args.model_name or "+".join(Path(m.path).stem for m in (blender.base, blender.guide) if m)
     defaults = dict(max_tokens=args.max_tokens, temperature=args.temperature, top_k=args.top_k, top_p=args.top_p,
                     min_p=args.min_p, seed=args.seed, stop=args.stop, **repetition_kwargs(args))
+    hosts = {h.strip() for h in args.allowed_hosts.split(",") if h.strip()} | {args.host}
+    origins = {o.strip() for o in args.allowed_origins.split(",") if o.strip()}
     server = Server(blender, model_id=model_id, defaults=defaults, api_key=args.api_key,
-                    max_tokens_limit=args.max_tokens_limit, max_queue=args.max_queue, parallel=args.parallel)
+                    max_tokens_limit=args.max_tokens_limit, max_queue=args.max_queue, parallel=args.parallel,
+                    allowed_hosts=hosts, allowed_origins=origins)
     kv = sum(m.kv_mib for m in blender._models())
     print(f"{args.parallel} requests at once, {server.n_ctx} tokens of context each; KV cache {kv:.1f} MiB "
           f"({kv / args.parallel:.1f} MiB per slot)", file=sys.stderr, flush=True)

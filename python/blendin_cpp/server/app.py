@@ -17,13 +17,16 @@ from starlette.requests import ClientDisconnect
 from starlette.responses import FileResponse, JSONResponse, Response, StreamingResponse
 from starlette.staticfiles import StaticFiles
 
+from .. import _core
 from ..blender import REPETITION, Blender, PromptTokens, Step
 from ..model import ContextLengthError
 from .openai_format import FINISH, ChatFormat, CompletionFormat, usage
 from .parameters import parameter_table
 from .schemas import ApiError, ChatRequest, CompletionRequest, check_no_ops, validation_error
 from .scoring import complete_prompts, model_method, read_prompts
-from .batcher import Batcher, Run
+from .batcher import Batcher, Run, gather_while_connected
+from .guard import Guard
+from .metrics import CONTENT_TYPE, Metrics
 from .tokenizer import add_tokenizer_routes
 
 MAX_BODY_BYTES = 1 << 20
@@ -35,14 +38,32 @@ WEBUI_HEADERS = {"Content-Security-Policy": "default-src 'self'; img-src 'self' 
                  "X-Content-Type-Options": "nosniff"}
 
 
+def run_error(e: BaseException) -> ApiError:
+    """A generation's error as an answer: the request's own (ValueError: its parameters or input)
+    400, the engine stopping 503 (already an ApiError), anything else 500."""
+    if isinstance(e, ApiError):
+        return e
+    if isinstance(e, ValueError):
+        return ApiError(400, str(e), code="invalid_value")
+    return ApiError(500, f"generation failed: {e}", type="server_error")
+
+
 class Server:
-    """The server's state: the Blender and the batcher that runs it, the request defaults, the limits."""
+    """The server's state: the Blender and the batcher that runs it, the request defaults, the
+    limits. `allowed_hosts`: the Host names answered besides IP addresses and localhost (None: no
+    Host check, for an app mounted in process); `allowed_origins`: the browser origins allowed
+    besides the server's own pages (see guard.py)."""
 
     def __init__(self, blender: Blender, *, model_id: str, defaults: dict, api_key: str | None = None,
-                 max_tokens_limit: int = 4096, max_queue: int = 64, parallel: int = 1):
+                 max_tokens_limit: int = 4096, max_queue: int = 64, parallel: int = 1,
+                 allowed_hosts: set[str] | None = None, allowed_origins: set[str] = frozenset()):
         self.blender, self.model_id, self.defaults = blender, model_id, defaults
         self.api_key = api_key
+        self.allowed_hosts, self.allowed_origins = allowed_hosts, allowed_origins
+        for role, m in blender._roles().items():  # messages name the served model, never a file on this machine
+            m.name = f"the {role} model of {model_id!r}"
         self.batcher = Batcher(blender, parallel, max_queue)
+        self.metrics = Metrics(self.batcher, blender._roles())
         self.n_ctx = self.batcher.slot_ctx  # each request's context: the models' cells are shared by the slots
         self.max_tokens_limit = min(max_tokens_limit, self.n_ctx)
         self.created = int(time.time())
@@ -86,10 +107,14 @@ class Server:
         try:  # off the event loop: rendering and tokenizing a long prompt take time
             tokens = await asyncio.to_thread(self.blender.prompts, prompt)
         except ContextLengthError as e:
-            raise ApiError(400, str(e), param=prompt_param, code="context_length_exceeded") from None
+            raise ApiError(400, f"the prompt has at least {e.min_tokens} tokens; the context holds {self.n_ctx} "
+                           "tokens per request", param=prompt_param, code="context_length_exceeded") from None
         except (ValueError, TypeError) as e:
             raise ApiError(400, str(e), param=prompt_param) from None
-        longest = max(len(tokens.base), len(tokens.guide))
+        method = self.blender.defaults["method"] if req.method is None else req.method
+        # the models the method reads: "base" never reads the guide's (longer, templated) prompt
+        base_used, guide_used = _core.uses_roles(method)[:2]
+        longest = max(len(tokens.base) if base_used else 0, len(tokens.guide) if guide_used else 0)
         room = self.n_ctx - longest
         if room < 1:
             raise ApiError(400, f"the prompt has {longest} tokens; the context holds {self.n_ctx}",
@@ -137,10 +162,41 @@ class Server:
 
     def prompt_tokens(self, tokens: PromptTokens, kwargs: dict) -> int:
         """The prompt's length for usage: the base's, or the guide's where the guide writes alone."""
-        return len(tokens.guide) if kwargs.get("method", self.blender.defaults["method"]) == "guide" else len(tokens.base)
+        return len(tokens.guide) if self.method_of(kwargs) == "guide" else len(tokens.base)
 
-    async def candidates(self, req, tokens: PromptTokens, kwargs: dict, fmt) -> Any:
-        """n (or best_of) candidates as parallel sequences; with best_of, the n best by reward."""
+    def method_of(self, kwargs: dict) -> str:
+        return kwargs.get("method", self.blender.defaults["method"])
+
+    def finished(self, tokens: PromptTokens, kwargs: dict, stats: dict, completion_tokens: int) -> None:
+        """A generation that ran to its end, for /metrics."""
+        self.metrics.finished(self.method_of(kwargs), stats, self.prompt_tokens(tokens, kwargs), completion_tokens)
+
+    async def run_to_end(self, request, tokens: PromptTokens, kwargs: dict):
+        """One generation pulled to its end: (steps, stats, completion tokens), or None when the
+        client left (the generation then stops)."""
+        try:
+            run = await self.batcher.open(request, tokens, kwargs)
+        except (ValueError, TypeError) as e:
+            raise ApiError(400, str(e)) from None
+        if run is None:
+            return None
+        steps = []
+        try:
+            async for burst in run.bursts():
+                steps += burst
+                if await request.is_disconnected():
+                    return None
+        except Exception as e:
+            raise run_error(e) from None
+        finally:
+            run.close()
+        self.finished(tokens, kwargs, run.stats, run.completion_tokens)
+        return steps, run.stats, run.completion_tokens
+
+    async def candidates(self, request, req, tokens: PromptTokens, kwargs: dict, fmt) -> Any:
+        """n (or best_of) candidates, seeds seed, seed + 1, ...: each a request of its own in the
+        batch (each the answer its seed gets alone); with best_of, the n best by the implicit
+        reward, scored with the models alone. A client that leaves stops them all."""
         from .. import best_of_n as bon
         if req.stream:
             raise ApiError(400, "n > 1 and best_of cannot be streamed", param="stream", code="invalid_value")
@@ -153,19 +209,30 @@ class Server:
         if req.best_of and self.blender.guide is None:
             raise ApiError(400, "best_of ranks by the implicit reward, which needs a guide", param="best_of")
         kw = {k: v for k, v in kwargs.items() if k != "top_logprobs"}
-        seed = kw.pop("seed")
-        scales = kw.pop("av_scales", None)
+        seed = kw["seed"]
+        runs = await gather_while_connected(request, [self.run_to_end(request, tokens, {**kw, "seed": seed + i})
+                                                      for i in range(total)])
+        if runs is None or any(r is None for r in runs):
+            return Response(status_code=204)  # the client is gone; nobody reads this
+        is_end = self.blender.is_end
+        cands = [bon.Candidate(text="".join(s.text for s in steps),
+                               tokens=[s.token for s in steps if not is_end(s.token)],
+                               finish_reason=stats["finish_reason"], interventions=stats["interventions"])
+                 for steps, stats, _ in runs]
+        rewards = [0.0] * total
+        if req.best_of:
+            scales = kw.get("av_scales")
 
-        def run():
-            if scales is not None:
-                self.blender.base.set_adapter_scales(scales)
-            cands = bon.generate_candidates(self.blender, tokens, total, seed=seed, **kw)
-            rewards = bon.implicit_reward(self.blender)(tokens, cands) if req.best_of else [0.0] * total
-            return cands, rewards
-        try:
-            cands, rewards = await self.batcher.exclusive(run)
-        except (ValueError, TypeError) as e:
-            raise ApiError(400, str(e)) from None
+            def score():
+                if scales is not None:
+                    self.blender.base.set_adapter_scales(scales)
+                return bon.implicit_reward(self.blender)(tokens, cands)
+            try:
+                rewards = await self.batcher.exclusive(request, score, "best_of_reward")
+            except (ValueError, TypeError) as e:
+                raise ApiError(400, str(e)) from None
+            if rewards is None:
+                return Response(status_code=204)
         order = sorted(range(total), key=lambda i: -rewards[i])[: req.n] if req.best_of else list(range(req.n))
         return JSONResponse({**fmt.head(fmt.whole_object),
                              "choices": [fmt.choice(k, cands[i].text, FINISH[cands[i].finish_reason])
@@ -177,29 +244,25 @@ class Server:
 
     async def generate(self, request, req, tokens: PromptTokens, kwargs: dict, fmt) -> Any:
         """Run a generation; `fmt` turns steps into response objects (see ChatFormat)."""
+        if not req.stream:
+            done = await self.run_to_end(request, tokens, kwargs)
+            if done is None:
+                return Response(status_code=204)  # the client is gone; nobody reads this
+            steps, stats, completion_tokens = done
+            return JSONResponse(fmt.whole(steps, stats, usage(self.prompt_tokens(tokens, kwargs), completion_tokens)))
         try:
             run = await self.batcher.open(request, tokens, kwargs)
         except (ValueError, TypeError) as e:
             raise ApiError(400, str(e)) from None
         if run is None:
-            return Response(status_code=204)  # the client is gone; nobody reads this
+            return Response(status_code=204)
         include_usage = req.stream_options is not None and req.stream_options.include_usage
-        if req.stream:
-            return StreamingResponse(self._sse(run, fmt, include_usage, self.prompt_tokens(tokens, kwargs)),
-                                     media_type="text/event-stream",
-                                     headers={"Cache-Control": "no-cache", "X-Accel-Buffering": "no"},
-                                     background=BackgroundTask(run.close))
-        steps: list[Step] = []
-        try:
-            async for burst in run.bursts():
-                steps += burst
-                if await request.is_disconnected():
-                    return Response(status_code=204)
-        finally:
-            run.close()
-        return JSONResponse(fmt.whole(steps, run.stats, usage(self.prompt_tokens(tokens, kwargs), run.completion_tokens)))
+        return StreamingResponse(self._sse(run, fmt, include_usage, tokens, kwargs),
+                                 media_type="text/event-stream",
+                                 headers={"Cache-Control": "no-cache", "X-Accel-Buffering": "no"},
+                                 background=BackgroundTask(run.close))
 
-    async def _sse(self, run: Run, fmt, include_usage: bool, prompt_tokens: int) -> AsyncIterator[str]:
+    async def _sse(self, run: Run, fmt, include_usage: bool, tokens: PromptTokens, kwargs: dict) -> AsyncIterator[str]:
         def event(obj) -> str:
             return f"data: {json.dumps(obj, ensure_ascii=False)}\n\n"
         try:
@@ -209,17 +272,19 @@ class Server:
                 events = "".join(event(fmt.chunk(step)) for step in burst if fmt.shows(step))
                 if events:
                     yield events
+            self.finished(tokens, kwargs, run.stats, run.completion_tokens)
             yield event(fmt.final(run.stats))
             if include_usage:
-                yield event(fmt.usage_chunk(usage(prompt_tokens, run.completion_tokens)))
+                yield event(fmt.usage_chunk(usage(self.prompt_tokens(tokens, kwargs), run.completion_tokens)))
         except Exception as e:  # the status line is sent: report the error in the stream, as OpenAI does
-            yield event(ApiError(500, f"generation failed: {e}", type="server_error").body())
+            yield event(run_error(e).body())
         yield "data: [DONE]\n\n"
 
 
 def create_app(server: Server, *, webui: bool = True):
     """The FastAPI application around a Server; with `webui`, the chat page at / (docs/webui.md)."""
     app = FastAPI(title="blendin_cpp", version="0.1.0", docs_url=None, redoc_url=None, openapi_url=None)
+    app.add_middleware(Guard, metrics=server.metrics, hosts=server.allowed_hosts, origins=server.allowed_origins)
 
     @app.exception_handler(ApiError)
     async def api_error(request, e: ApiError):
@@ -243,9 +308,20 @@ def create_app(server: Server, *, webui: bool = True):
 
     @app.get("/health")
     async def health():
-        running, waiting = server.batcher.counts()
-        return {"status": "ok", "busy": running > 0, "running": running, "waiting": waiting,
-                "parallel": server.batcher.parallel}
+        """"ok" while the engine thread runs ("error", 503, with the reason once it stopped); busy
+        while anything runs or waits, a job with the models alone included."""
+        st = server.batcher.state()
+        body = {"status": "ok" if st["failure"] is None else "error",
+                "busy": bool(st["running"] or st["job"] or st["waiting"]), "running": st["running"],
+                "job": st["job"], "waiting": st["waiting"], "parallel": server.batcher.parallel}
+        if st["failure"] is not None:
+            body["error"] = st["failure"]
+            return JSONResponse(body, status_code=503)
+        return body
+
+    @app.get("/metrics")
+    async def metrics():
+        return Response(server.metrics.text(), media_type=CONTENT_TYPE)
 
     @app.get("/v1/models")
     async def models(request: Request):
@@ -271,6 +347,7 @@ def create_app(server: Server, *, webui: bool = True):
         req = await server.parse(request, ChatRequest)
         check_no_ops(req)
         model_method(req)
+        request.state.method = req.method or server.blender.defaults["method"]
         messages = [m.as_dict() for m in req.messages]
         top = (req.top_logprobs or 0) if req.logprobs else 0
         if req.top_logprobs and not req.logprobs:
@@ -279,7 +356,7 @@ def create_app(server: Server, *, webui: bool = True):
         tokens, kwargs = await server.prepare(req, messages, max_tokens, top, "messages")
         fmt = ChatFormat(server, top if req.logprobs else None, req.trace)
         if req.n > 1 or req.best_of:
-            return await server.candidates(req, tokens, kwargs, fmt)
+            return await server.candidates(request, req, tokens, kwargs, fmt)
         return await server.generate(request, req, tokens, kwargs, fmt)
 
     @app.post("/v1/completions")
@@ -287,6 +364,7 @@ def create_app(server: Server, *, webui: bool = True):
         req = await server.parse(request, CompletionRequest)
         check_no_ops(req)
         model_method(req)
+        request.state.method = req.method or server.blender.defaults["method"]
         prompts = read_prompts(server, req)  # strings or token ids
         if req.echo or len(prompts) > 1:
             return await complete_prompts(server, request, req, prompts)
@@ -294,7 +372,7 @@ def create_app(server: Server, *, webui: bool = True):
         tokens, kwargs = await server.prepare(req, prompt, req.max_tokens, req.logprobs or 0, "prompt")
         fmt = CompletionFormat(server, req.logprobs, req.trace)
         if req.n > 1 or req.best_of:
-            return await server.candidates(req, tokens, kwargs, fmt)
+            return await server.candidates(request, req, tokens, kwargs, fmt)
         return await server.generate(request, req, tokens, kwargs, fmt)
 
     add_tokenizer_routes(app, server)

@@ -5,9 +5,14 @@ Every call on the Blender and its models happens on this thread, so nothing else
 them. Each loop: take what arrived (new requests, cancellations, whole-model jobs), admit waiting
 requests to free slots (first come, first served), and decode one token for every running request
 (`_core.Scheduler.step`: one batched decode per model and phase). A job that needs the models alone
-(best-of-N, scoring an echoed prompt, or a request with other Alignment Vector scales, which change
-the base's weights) waits at the head of the queue until the running requests finish; the requests
-behind it wait too, so none overtakes another.
+(best_of's rewards, scoring an echoed prompt, or a request with other Alignment Vector scales,
+which change the base's weights) waits at the head of the queue until the running requests finish;
+the requests behind it wait too, so none overtakes another. A client that leaves takes its request
+or job out of the queue (a job already running finishes: it is bounded by one request's context).
+
+A request that fails ends alone (the scheduler's error names it). Should the thread itself fail,
+or the server close, every request waiting or running gets that reason as its error (503), later
+ones are refused with it, and /health says so.
 """
 from __future__ import annotations
 
@@ -23,6 +28,11 @@ from .schemas import ApiError
 WAIT_POLL_S = 0.5  # how often a waiting request looks whether its client is still there
 
 
+def stopped(reason: str) -> ApiError:
+    """The error of every request the engine thread can no longer serve."""
+    return ApiError(503, reason, type="server_error", code="engine_stopped")
+
+
 class Run:
     """One request's generation: created on the event loop, fed by the engine thread."""
 
@@ -30,7 +40,7 @@ class Run:
         self.batcher, self.tokens, self.params, self.scales = batcher, tokens, params, scales
         self.loop = asyncio.get_running_loop()
         self.admitted: asyncio.Future = self.loop.create_future()
-        self._queue: asyncio.Queue = asyncio.Queue()  # lists of steps; then ("end", stats) or ("error", text)
+        self._queue: asyncio.Queue = asyncio.Queue()  # steps; then ("end", stats) or ("error", exception)
         self.stats: dict = {}
         self.completion_tokens = 0  # the tokens of the text: the end token is not one of them
         self._open = True
@@ -64,7 +74,7 @@ class Run:
                 if end is not None:
                     kind, value = end
                     if kind == "error":
-                        raise _core.BlendError(value)
+                        raise value  # ValueError: the request's own; BlendError; ApiError: the engine stopped
                     self.stats = value
                     return
         finally:
@@ -75,6 +85,24 @@ class Run:
         if self._open:
             self._open = False
             self.batcher._cancel(self)
+
+
+async def gather_while_connected(request, coros) -> list | None:
+    """Run the coroutines together (one request's parts: candidates, prompts) and return their
+    results; None as soon as the client leaves, and one's error as soon as it fails. Either way
+    the others are cancelled: their runs close and their queued jobs are dropped."""
+    tasks = [asyncio.ensure_future(c) for c in coros]
+    gathered = asyncio.gather(*tasks)
+    try:
+        while True:
+            done, _ = await asyncio.wait({gathered}, timeout=WAIT_POLL_S)
+            if done:
+                return gathered.result()
+            if await request.is_disconnected():
+                return None
+    finally:
+        for t in tasks:  # a gather that ended with one's error leaves the others running
+            t.cancel()
 
 
 def _settle(loop, future: asyncio.Future, result, error: BaseException | None) -> None:
@@ -103,11 +131,13 @@ def _deliver(items: list[tuple[Run, object]]) -> None:
 
 
 class _Job:
-    """fn() to run with the models alone; its result or exception settles `future`."""
+    """fn() to run with the models alone; its result or exception settles `future`. `kind` names it
+    in /health and /metrics."""
 
-    def __init__(self, fn: Callable, loop):
-        self.fn, self.loop = fn, loop
+    def __init__(self, fn: Callable, loop, kind: str):
+        self.fn, self.loop, self.kind = fn, loop, kind
         self.future: asyncio.Future = loop.create_future()
+        self.cancelled = False  # its client left: not run (set on the event loop, read by the engine thread)
 
     def run(self) -> None:
         try:
@@ -115,6 +145,9 @@ class _Job:
         except BaseException as e:  # delivered to the request that asked
             result, error = None, e
         _settle(self.loop, self.future, result, error)
+
+    def fail(self, error: BaseException) -> None:
+        _settle(self.loop, self.future, None, error)
 
 
 class Batcher:
@@ -130,7 +163,10 @@ class Batcher:
         self._cancelled: deque[Run] = deque()
         self._waiting = 0   # requests and jobs not yet admitted
         self._running = 0
+        self._job: str | None = None  # the kind of the job running with the models alone
         self._closed = False
+        self._failure: str | None = None  # why the engine thread stopped, if it did
+        self.kv_tokens: dict[str, int] = {}  # what the models' KV caches hold, after the last step (for /metrics)
         # the engine thread's own
         self._queue: deque = deque()
         self._runs: dict[int, Run] = {}
@@ -143,8 +179,16 @@ class Batcher:
         with self._cond:
             return self._running, self._waiting
 
+    def state(self) -> dict:
+        """What /health and /metrics report: running requests, the job running with the models
+        alone (its kind, or None), what waits, and why the engine thread stopped (None: it runs)."""
+        with self._cond:
+            return {"running": self._running, "job": self._job, "waiting": self._waiting, "failure": self._failure}
+
     def _enqueue(self, item) -> None:
         with self._cond:
+            if self._closed:
+                raise stopped(self._failure or "the server is shutting down")
             if self._waiting >= self.max_queue:
                 raise ApiError(503, f"the server is busy ({self._waiting} requests waiting); retry later",
                                type="server_error", code="server_busy")
@@ -175,11 +219,22 @@ class Batcher:
             run.close()
             raise
 
-    async def exclusive(self, fn: Callable):
-        """Run fn() on the engine thread with the models alone (after the running requests)."""
-        job = _Job(fn, asyncio.get_running_loop())
+    async def exclusive(self, request, fn: Callable, kind: str):
+        """Run fn() on the engine thread with the models alone (after the running requests); None
+        if the client of `request` (None: no client to watch) left first (the job then does not run)."""
+        job = _Job(fn, asyncio.get_running_loop(), kind)
         self._enqueue(job)
-        return await job.future
+        try:
+            while True:
+                done, _ = await asyncio.wait({job.future}, timeout=WAIT_POLL_S)
+                if done:
+                    return job.future.result()
+                if request is not None and await request.is_disconnected():
+                    job.cancelled = True
+                    return None
+        except BaseException:
+            job.cancelled = True
+            raise
 
     def _cancel(self, run: Run) -> None:
         with self._cond:
@@ -187,6 +242,7 @@ class Batcher:
             self._cond.notify()
 
     def close(self) -> None:
+        """Stop the engine thread after its current step: what waits or runs gets a 503."""
         with self._cond:
             self._closed = True
             self._cond.notify()
@@ -194,21 +250,46 @@ class Batcher:
 
     # --- the engine thread ---------------------------------------------------------------------------
     def _loop(self) -> None:
-        while True:
+        reason = "the server is shutting down"
+        try:
+            while True:
+                with self._cond:
+                    while not (self._inbox or self._cancelled or self._runs or self._closed):
+                        self._cond.wait()
+                    if self._closed:
+                        break
+                    self._queue.extend(self._inbox)
+                    self._inbox.clear()
+                    cancelled = list(self._cancelled)
+                    self._cancelled.clear()
+                for run in cancelled:
+                    self._drop(run)
+                self._admit()
+                if self._runs:
+                    self._step()
+        except BaseException as e:  # nothing can run any more: say why, to every request and to /health
+            reason = f"the engine thread stopped: {type(e).__name__}: {e}"
             with self._cond:
-                while not (self._inbox or self._cancelled or self._runs or self._closed):
-                    self._cond.wait()
-                if self._closed:
-                    return
-                self._queue.extend(self._inbox)
-                self._inbox.clear()
-                cancelled = list(self._cancelled)
-                self._cancelled.clear()
-            for run in cancelled:
-                self._drop(run)
-            self._admit()
-            if self._runs:
-                self._step()
+                self._failure = reason
+        self._end(stopped(reason))
+
+    def _end(self, error: ApiError) -> None:
+        """The engine thread's last act: what waits or runs fails with `error`, later requests are
+        refused with it."""
+        with self._cond:
+            self._closed = True
+            self._queue.extend(self._inbox)
+            self._inbox.clear()
+            self._running = self._waiting = 0
+            self._job = None
+        for item in self._queue:
+            if isinstance(item, _Job):
+                item.fail(error)
+            else:
+                item._admit(error)
+        self._queue.clear()
+        _deliver([(run, ("error", error)) for run in self._runs.values()])
+        self._runs.clear()
 
     def _drop(self, run: Run) -> None:
         """A request that left: out of the queue or out of its slot."""
@@ -232,18 +313,29 @@ class Batcher:
         while self._queue:
             item = self._queue[0]
             if isinstance(item, _Job):
+                if item.cancelled:
+                    self._queue.popleft()
+                    self._counts(waiting=-1)
+                    continue
                 if self._runs:
                     return  # the models alone: after the running requests
                 self._queue.popleft()
-                self._counts(waiting=-1)
-                item.run()
+                with self._cond:
+                    self._waiting -= 1
+                    self._job = item.kind
+                try:
+                    item.run()
+                finally:
+                    with self._cond:
+                        self._job = None
+                self._note_kv()
                 continue
             if item.scales is not None and list(item.scales) != base.adapter_scales():
                 if self._runs:
                     return  # other weights: after the running requests
                 try:
                     base.set_adapter_scales(item.scales)
-                except (ValueError, TypeError) as e:
+                except Exception as e:  # this request's scales: it fails alone
                     self._queue.popleft()
                     self._counts(waiting=-1)
                     item._admit(e)
@@ -253,13 +345,17 @@ class Batcher:
             self._queue.popleft()
             try:
                 rid = self.scheduler.add(item.tokens.base, item.tokens.guide, item.params)
-            except (ValueError, TypeError) as e:
+            except Exception as e:  # this request alone cannot run
                 self._counts(waiting=-1)
                 item._admit(e)
                 continue
             self._runs[rid] = item
             self._counts(running=1, waiting=-1)
             item._admit(None)
+
+    def _note_kv(self) -> None:
+        """Publish what the KV caches hold (read here, by the thread that owns the models)."""
+        self.kv_tokens = {role: m._handle.kv_tokens for role, m in self.blender._roles().items()}
 
     def _step(self) -> None:
         try:
@@ -270,7 +366,7 @@ class Batcher:
             self._counts(running=-len(failed))
             for rid, _ in failed:
                 self.scheduler.cancel(rid)
-            _deliver([(run, ("error", str(e))) for _, run in failed])
+            _deliver([(run, ("error", e)) for _, run in failed])
             return
         out, ended = [], 0
         for rid, step, stats, error in events:
@@ -287,4 +383,5 @@ class Batcher:
                 del self._runs[rid]
                 ended += 1
         self._counts(running=-ended)  # before the answers go out: a client that got its answer sees it counted
+        self._note_kv()
         _deliver(out)

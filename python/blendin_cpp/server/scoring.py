@@ -13,18 +13,25 @@ from __future__ import annotations
 
 import asyncio
 import codecs
+import json
 from functools import partial
 
-from starlette.responses import JSONResponse, Response
+from starlette.responses import Response
 
 from ..blender import METHODS, Blender
 from ..options import json_safe
 from .openai_format import FINISH, CompletionFormat, usage
+from .batcher import gather_while_connected
 from .schemas import ApiError
 
 # JSON has no -Infinity: a token the policy gives probability 0 (within float precision) gets
 # vLLM's floor instead.
 LOGPROB_FLOOR = -9999.0
+# What one request may ask for: prompts in a list, and log-probabilities in its answer (each
+# token's own and its top alternatives, echoed and generated, over all prompts; about 40 bytes of
+# JSON each). lm-evaluation-harness's batches are far below both.
+MAX_PROMPTS = 1024
+MAX_LOGPROB_ENTRIES = 500_000
 
 
 def model_method(req) -> None:
@@ -50,6 +57,9 @@ def read_prompts(server, req) -> list[tuple[str | list[int], int]]:
         prompts = list(p)
     if not prompts:
         raise ApiError(400, "prompt is an empty list", param="prompt", code="invalid_value")
+    if len(prompts) > MAX_PROMPTS:
+        raise ApiError(400, f"prompt lists {len(prompts)} prompts; a request may have {MAX_PROMPTS} at most (send "
+                       "several requests)", param="prompt", code="invalid_value")
     base = server.blender.base
     bos = base.special_tokens["bos"]
     out = []
@@ -100,26 +110,6 @@ def _echo_logprobs(fmt: CompletionFormat, shown: list[int], scored) -> dict:
     return out
 
 
-async def _run_to_end(server, request, tokens, kwargs):
-    """One generation pulled to its end: (steps, stats, completion tokens), or None when the
-    client left."""
-    try:
-        run = await server.batcher.open(request, tokens, kwargs)
-    except (ValueError, TypeError) as e:
-        raise ApiError(400, str(e)) from None
-    if run is None:
-        return None
-    steps = []
-    try:
-        async for burst in run.bursts():
-            steps += burst
-            if await request.is_disconnected():
-                return None
-    finally:
-        run.close()
-    return steps, run.stats, run.completion_tokens
-
-
 async def complete_prompts(server, request, req, prompts: list[tuple[str | list[int], int]]):
     """Several prompts and/or echo: one choice per prompt, in order, each generated as a single
     prompt is. The prompts run concurrently, as separate requests would (decoded together, up to
@@ -134,6 +124,13 @@ async def complete_prompts(server, request, req, prompts: list[tuple[str | list[
     head = CompletionFormat(server, req.logprobs)
     # every prompt is checked before any runs: a bad one fails the request at once
     prepared = [await server.prepare(req, prompt, req.max_tokens, req.logprobs or 0, "prompt") for prompt, _ in prompts]
+    if req.logprobs is not None:
+        entries = (req.logprobs + 1) * sum((len(tokens.base) - shown_from if req.echo else 0) + kwargs["max_tokens"]
+                                           for (_, shown_from), (tokens, kwargs) in zip(prompts, prepared))
+        if entries > MAX_LOGPROB_ENTRIES:
+            raise ApiError(400, f"the answer would hold up to {entries} log-probabilities (tokens x (logprobs + 1) "
+                           f"over all prompts); a request may ask for {MAX_LOGPROB_ENTRIES} at most (send fewer "
+                           "prompts, fewer tokens or a lower logprobs)", param="logprobs", code="invalid_value")
     turns = asyncio.Semaphore(server.batcher.parallel)
 
     async def one(index: int):
@@ -142,13 +139,20 @@ async def complete_prompts(server, request, req, prompts: list[tuple[str | list[
             scored = None
             if req.echo and req.logprobs is not None and len(tokens.base) > 1:
                 try:
-                    scored = await server.batcher.exclusive(partial(_score_echo, server.blender, tokens.base, kwargs,
-                                                                    req.logprobs))
+                    scored = await server.batcher.exclusive(request, partial(_score_echo, server.blender, tokens.base,
+                                                                             kwargs, req.logprobs), "echo_scoring")
                 except (ValueError, TypeError) as e:
                     raise ApiError(400, str(e), param="prompt") from None
-            done = await _run_to_end(server, request, tokens, kwargs)
+                if scored is None:
+                    return None  # the client left
+            done = await server.run_to_end(request, tokens, kwargs)
         if done is None:
             return None
+        # off the event loop: an echo with logprobs can be a large answer
+        return await asyncio.to_thread(choice, index, done, scored)
+
+    def choice(index: int, done, scored):
+        (prompt, shown_from), (tokens, kwargs) = prompts[index], prepared[index]
         steps, stats, completion_tokens = done
         fmt = CompletionFormat(server, req.logprobs)
         text = "".join(s.text for s in steps)
@@ -158,27 +162,27 @@ async def complete_prompts(server, request, req, prompts: list[tuple[str | list[
             echoed = prompt if isinstance(prompt, str) else server.blender.base.detokenize(shown)
             if req.logprobs is not None:
                 echo_lp = _echo_logprobs(fmt, shown, scored)  # scored is None only for a one-token prompt
-                fmt.offset = len(echoed)
+                fmt.chars = len(echoed)  # the generated tokens' text_offset counts on from the echo's end
                 generated = fmt._logprobs(steps)
                 logprobs = {k: echo_lp[k] + generated[k] for k in generated}
             text = echoed + text
         elif req.logprobs is not None:
             logprobs = fmt._logprobs(steps)
-        choice = {"index": index, "text": text, "logprobs": logprobs,
-                  "finish_reason": FINISH[stats["finish_reason"]], "blend": json_safe(stats)}
-        return choice, server.prompt_tokens(tokens, kwargs), completion_tokens
+        out = {"index": index, "text": text, "logprobs": logprobs,
+               "finish_reason": FINISH[stats["finish_reason"]], "blend": json_safe(stats)}
+        return out, server.prompt_tokens(tokens, kwargs), completion_tokens
 
-    tasks = [asyncio.create_task(one(i)) for i in range(len(prompts))]
-    try:
-        results = await asyncio.gather(*tasks)
-    finally:
-        for t in tasks:  # one failed: the others stop (their runs close as their tasks are cancelled)
-            t.cancel()
-    if any(r is None for r in results):
+    results = await gather_while_connected(request, [one(i) for i in range(len(prompts))])
+    if results is None or any(r is None for r in results):
         return Response(status_code=204)  # the client is gone; nobody reads this
     choices = [r[0] for r in results]
     body = {**head.head("text_completion"), "choices": choices,
             "usage": usage(sum(r[1] for r in results), sum(r[2] for r in results))}
     if len(prompts) == 1:
         body["blend"] = choices[0]["blend"]
-    return JSONResponse(body)
+    # encoded off the event loop too: /health and the other requests go on meanwhile
+    return Response(await asyncio.to_thread(_json_bytes, body), media_type="application/json")
+
+
+def _json_bytes(body: dict) -> bytes:
+    return json.dumps(body, ensure_ascii=False, allow_nan=False, separators=(",", ":")).encode()
