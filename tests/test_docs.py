@@ -200,6 +200,21 @@ def test_ci_runs_the_readme_install_commands_as_written():
                 raise AssertionError(f".ci/run lacks this line of the block at {block.where} (in order):\n{line}") from None
 
 
+def test_chat_commands_match_docs():
+    """docs/cli.md's table of chat commands lists the commands the chat's /help lists, and its
+    /set row every setting the chat accepts."""
+    from blendin_cpp import chat
+    doc = (ROOT / "docs" / "cli.md").read_text(encoding="utf-8")
+    rows = re.findall(r"(?m)^\| `(/\w+)[^`]*` \|(.*)\|$", doc)
+    assert {name for name, _ in rows} == set(re.findall(r"(?m)^  (/\w+)", chat.HELP)), \
+        "the chat commands in docs/cli.md differ from those of chat.HELP"
+    set_row = next(what for name, what in rows if name == "/set")
+    named = set(re.findall(r"`(\w+)`", set_row))
+    settings = {*chat.BLEND_SETTINGS, *chat.SAMPLING}
+    assert settings <= named, f"docs/cli.md's /set row lacks {sorted(settings - named)}"
+    assert named - settings <= {"auto", "none"}, f"docs/cli.md's /set row names {sorted(named - settings - {'auto', 'none'})}"
+
+
 def test_readme_is_short():
     n = len((ROOT / "README.md").read_text(encoding="utf-8").splitlines())
     assert n <= 200, f"README.md has {n} lines; the front page keeps to 200 (the rest belongs in docs/)"
