@@ -6,8 +6,8 @@ decode every token, and the guide's logits are read only where the gate opens.
 
 A guide with another tokenizer reads the text the base wrote through its own tokenizer (the
 whole text re-tokenised at every step, the guide's cache kept up to the first token that changed)
-and its distribution is carried onto the base's vocabulary by token bytes, as README "Models with
-different tokenizers" describes blendin_cpp's vocabulary bridge.
+and its distribution is carried onto the base's vocabulary by token bytes, as docs/methods.md, "Models with
+different tokenizers", describes blendin_cpp's vocabulary bridge.
 """
 from __future__ import annotations
 

@@ -3,7 +3,7 @@
 // phase. Requests wait in a queue (first come, first served) and join at the next step where a
 // slot is free; a finished or cancelled one leaves at once. Each request is a Decoder, exactly as
 // a single generation is, so its tokens are the ones the request would get alone (up to the
-// rounding of batched arithmetic: see the README).
+// rounding of batched arithmetic: see docs/server.md, "Batching and rounding").
 //
 // One step, as the Engine's plain step but for every active request together:
 //   1. nudged words go on: the guide's rows of the requests inside a word (one guide batch);

@@ -2,7 +2,7 @@
 decoded alone (`Blender.complete`), and `serve --parallel` against the same requests sent one at a
 time.
 
-Exactness: batched arithmetic may round differently from a single row (README, "Batching and
+Exactness: batched arithmetic may round differently from a single row (docs/server.md, "Batching and
 rounding"), so a batched answer must equal the single one token for token, unless at the first
 token where they part the single run's two most likely tokens were within TIE of each other (its
 top_logprobs show it), and their log-probabilities agree within LOGPROB_TOL until then."""
@@ -29,7 +29,7 @@ LOGPROB_TOL = 2e-3  # nats between the two runs' log-probabilities of the same t
 # The real quantized models round more: their activations are quantized to 8 bits per block, so
 # where llama.cpp puts a sequence's KV cells (one cell over changes SmolLM2-135M's logits by up to
 # 0.8) and how many rows a batch has (flash attention takes another path from 64 rows) move the
-# log-probabilities by up to ~0.45 nats, measured (README, "Batching and rounding").
+# log-probabilities by up to ~0.45 nats, measured (docs/server.md, "Batching and rounding").
 REAL_TIE = 0.5
 REAL_LOGPROB_TOL = 0.6
 PARALLEL = 4

@@ -19,7 +19,7 @@ from blendin_cpp import _core
 from blendin_cpp.demo import demo_path
 
 def test_rpc_backend_is_built():
-    """CI installs llama-cpp-python with -DGGML_RPC=on (README, .ci/run): every other test here needs it."""
+    """CI installs llama-cpp-python with -DGGML_RPC=on (README, docs/getting-started.md, .ci/run): every other test here needs it."""
     assert _core.rpc_available(), "llama-cpp-python was built without -DGGML_RPC=on"
 
 

@@ -344,7 +344,7 @@ class Blender:
         `parallel` at once, each in its own KV sequence of every model, one batched decode per
         model and phase per step; the next prompt starts as soon as one finishes. Each result is
         the one `complete(prompt, **kwargs)` gives alone (tokens, text, statistics; the seed of
-        `kwargs` for each prompt), up to the rounding of batched arithmetic (see the README);
+        `kwargs` for each prompt), up to the rounding of batched arithmetic (docs/server.md);
         speculative verification is not used (greedy tokens are the same). `parallel` defaults
         to the models' n_seq_max, and the context is shared: each prompt gets n_ctx // parallel
         tokens (load the models with n_ctx = parallel x the context one prompt needs).

@@ -81,11 +81,11 @@ class Model:
             `set_adapter_scales` without reloading.
         verbose: print llama.cpp's log (process-wide; off by default).
         amx: let llama.cpp put weights in its AMX buffers where the CPU offers them (default: the
-            BLENDIN_CPP_AMX environment variable, else off; see "Known llama.cpp problems" in the
-            README). `buffer_types` says where the weights went.
+            BLENDIN_CPP_AMX environment variable, else off; see "AMX on Intel Xeons" in
+            docs/troubleshooting.md). `buffer_types` says where the weights went.
         rpc: "host:port" of llama.cpp RPC servers (`python -m blendin_cpp rpc-server` on each
             machine) that hold the model's layers, split in proportion to their free memory; needs
-            llama-cpp-python built with -DGGML_RPC=on (see "Several machines" in the README).
+            llama-cpp-python built with -DGGML_RPC=on (see docs/rpc.md).
     """
 
     def __init__(self, path: str | os.PathLike, *, n_ctx: int | None = None, n_gpu_layers: int | None = None,
