@@ -20,7 +20,8 @@ from pathlib import Path
 CLI_DOC = Path(__file__).resolve().parent.parent / "docs" / "cli.md"
 
 # the shared groups' sections, by the group titles blendin_cpp.options gives them
-SHARED = {"models": "Model options", "blending": "Blending options", "sampling": "Sampling options"}
+SHARED = {"models": "Model options", "blending": "Blending options", "sampling": "Sampling options",
+          "repetition controls": "Repetition options"}
 
 
 def shared_groups() -> dict[str, tuple[str, dict]]:

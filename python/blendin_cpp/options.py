@@ -68,8 +68,9 @@ def add_repetition_args(p: argparse.ArgumentParser, defaults: dict | None = None
                            help=REPETITION_HELP[name])
             continue
         kind = int if isinstance(default, int) else float
+        said = "off unless --chat-defaults" if d[name] is None else d[name]
         g.add_argument("--" + name.replace("_", "-"), type=kind, default=d[name],
-                       help=f"{REPETITION_HELP[name]} (default {d[name]})")
+                       help=f"{REPETITION_HELP[name]} (default {said})")
 
 
 def repetition_kwargs(args) -> dict:
