@@ -209,7 +209,9 @@ def test_parameters_are_the_servers_table(server):
     lo, hi, lo_open, hi_open, integer, text = RANGES["top_p"]
     assert params["top_p"].items() >= {"type": "number", "min": lo, "max": hi, "min_exclusive": lo_open,
                                        "max_exclusive": hi_open, "range": text, "default": 1.0}.items()
-    assert params["gamma"]["max"] is None and params["gamma"]["default"] == 0.4
+    assert params["gamma"]["max"] == RANGES["gamma"][1] and params["gamma"]["default"] == 0.4
+    # the repetition controls are in the table through the core's ranges
+    assert params["dry_multiplier"]["default"] == 0.0 and params["loop_gate"]["type"] == "integer"
     assert params["alpha"]["choices"] == ["auto"] and params["alpha"]["default"] == "auto"
     assert params["max_tokens"]["type"] == "integer" and params["max_tokens"]["max"] == 4000
     assert "top_logprobs" not in params and "stream" not in params

@@ -189,7 +189,7 @@ def blender_from_args(args, log=None, n_seq_max: int = 1, parallel: int = 1):
     return Blender(models["base"], models["guide"], anti=models["anti"], method=args.method, gamma=args.gamma,
                    alpha=parse_alpha(args.alpha), beta=args.beta, lambda_=args.lambda_,
                    max_intervention_rate=args.max_intervention_rate, lazy=not args.naive,
-                   guide_ends=args.guide_ends,
+                   guide_ends=getattr(args, "guide_ends", False),
                    speculative=getattr(args, "speculative", "off"), drafter=getattr(args, "drafter", "guide"),
                    draft_max=getattr(args, "draft_max", 8))
 
