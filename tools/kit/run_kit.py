@@ -132,6 +132,7 @@ class Run:
         if rc != 0 and log.exists():
             for line in log.read_text(errors="replace").splitlines()[-15:]:
                 print(f"    | {line}", flush=True)
+        self.write_report()  # after every phase: a run killed from outside still leaves one
         return rc == 0
 
     def status(self, name: str) -> str | None:
