@@ -174,6 +174,7 @@ def prepare(name: str, args) -> dict | None:
         if key not in known:
             t0 = time.perf_counter()
             known[key] = calibrate_gamma(blender, prompts, args.tokens)
+            CACHE.mkdir(exist_ok=True)
             cache.write_text(json.dumps(known, indent=1))
             log(f"[{name}] calibrated gamma in {time.perf_counter() - t0:.0f} s")
         gamma, how = known[key][0], "calibrated"
