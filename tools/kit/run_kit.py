@@ -284,7 +284,7 @@ class Run:
 
     def bench_sizes(self) -> dict:
         # on a CPU (the rehearsal) the same commands on a token budget: they show that everything runs
-        return dict(tokens=16, repeats=1, clients="1,2", requests=2, max_tokens=8, prompts=1) if self.args.cpu else \
+        return dict(tokens=8, repeats=1, clients="1,2", requests=2, max_tokens=8, prompts=1) if self.args.cpu else \
             dict(tokens=64, repeats=3, clients="1,4,8,16", requests=16, max_tokens=32, prompts=2)
 
     def bench_pair(self, pair: str, log: Path, timeout: float) -> int:
@@ -314,7 +314,7 @@ class Run:
     def bench_demo(self, log: Path, timeout: float) -> int:
         s = self.bench_sizes()
         return self.run("bench-demo", [sys.executable, "bench/run.py", "--pairs", "demo", "--no-http",
-                                       "--demo-questions", str(4 * s["prompts"]), "--tokens", "64",
+                                       "--demo-questions", str(4 * s["prompts"]), "--tokens", str(s["tokens"]),
                                        "--repeats", str(s["repeats"]), "--threads", str(min(8, self.jobs)),
                                        "--json", str(self.logs / "bench-demo.json")],
                         log=log, timeout=timeout, cwd=self.src, stdout=self.logs / "bench-demo.out")
