@@ -57,6 +57,8 @@ WHEELS = {
     "uvicorn==0.55.0": "serve's HTTP server",
     "gguf==0.19.0": "reading and writing GGUF files (the stand-ins, the tests' generated models)",
     "diskcache==5.6.3": "imported by llama_cpp (llama-cpp-python's Python package)",
+    "scikit-build-core==1.1.2": "the build backend at the version pyproject.toml pins (the image's may differ)",
+    "nanobind==3.1.0": "the bindings library at the version pyproject.toml pins (the image's may differ)",
 }
 PLATFORMS = ["manylinux_2_28_x86_64", "manylinux_2_17_x86_64", "manylinux2014_x86_64"]
 
