@@ -153,8 +153,10 @@ class Run:
                          ("ninja", ["ninja", "--version"])):
             try:
                 r = subprocess.run(cmd, capture_output=True, text=True, timeout=20)
-                text = (r.stdout or r.stderr).strip()
-                f[key] = text.splitlines()[-1] if key == "nvcc" and text else text.splitlines()[0] if text else ""
+                lines = (r.stdout or r.stderr).strip().splitlines()
+                # nvcc --version: the line that says "release 13.0, V13.0.88"; the others: their first line
+                f[key] = next((ln for ln in lines if "release" in ln), lines[0] if lines else "") if key == "nvcc" \
+                    else (lines[0] if lines else "")
             except (OSError, subprocess.TimeoutExpired) as e:
                 f[key] = f"not available ({e.__class__.__name__})"
         with open(log, "w") as out:
