@@ -232,16 +232,18 @@ class Run:
         self.facts["build_s"] = round(time.monotonic() - t, 1)
         if rc:
             return rc
-        probe = ("import llama_cpp; print(llama_cpp.__version__, llama_cpp.llama_supports_gpu_offload())")
+        # the backends built (llama_supports_gpu_offload would say yes for the RPC backend alone)
+        probe = ("import llama_cpp, pathlib; lib = pathlib.Path(llama_cpp.__file__).parent / 'lib'; "
+                 "print(llama_cpp.__version__, ' '.join(sorted(p.name for p in lib.glob('libggml-*.so'))))")
         r = subprocess.run([sys.executable, "-c", probe], capture_output=True, text=True, env=self.env())
         with open(log, "a") as f:
             f.write(f"[run_kit] llama_cpp: {r.stdout.strip()} {r.stderr.strip()[-2000:]}\n")
         self.facts["llama_cpp"] = r.stdout.strip()
         if r.returncode:
             return r.returncode
-        if not self.args.cpu and not r.stdout.strip().endswith("True"):
+        if not self.args.cpu and "libggml-cuda.so" not in r.stdout:
             with open(log, "a") as f:
-                f.write("[run_kit] the build has no GPU offload: the CUDA backend did not build\n")
+                f.write("[run_kit] no libggml-cuda.so: the CUDA backend did not build\n")
             return 1
         return 0
 
@@ -354,8 +356,9 @@ class Run:
               f"ninja {f.get('ninja', '?')}",
               f"- CPU: {f.get('cpus', '?')} x {f.get('cpu', '?')}; Python {f.get('python', '?')}",
               f"- llama-cpp-python build: {f.get('build_s', '?')} s with CMAKE_ARGS=\"{f.get('cmake_args', '?')}\"",
-              f"- llama_cpp version and GPU offload: {f.get('llama_cpp', '?')}; blendin_cpp's default offload: "
-              f"{f.get('blendin_cpp_gpu_offload', '?')}", "", "## Phases", "",
+              f"- llama_cpp version and backends: {f.get('llama_cpp', '?')}",
+              f"- blendin_cpp's GPUs and default n_gpu_layers: {f.get('blendin_cpp_gpu_offload', '?')}",
+              "", "## Phases", "",
               "| phase | status | seconds | limit s | note |", "|---|---|---|---|---|"]
         for p in self.phases:
             md.append(f"| {p['phase']} | {p['status']} | {p.get('seconds', '-')} | {p['limit_s']} | {p.get('why', '')} |")
