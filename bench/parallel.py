@@ -12,6 +12,7 @@ long ones) and on an idle server.
 
     python bench/parallel.py --pair real
     python bench/parallel.py --pair qwen --requests 16 --json qwen_parallel.json
+    python bench/parallel.py --base B.gguf --guide G.gguf       # any pair (the GPU kit's stand-ins)
 
 Only 127.0.0.1 is contacted; every loop is bounded in count and time.
 """
@@ -53,10 +54,10 @@ def percentile(xs: list[float], q: float) -> float:
 class Server:
     """`serve --pair PAIR --parallel N` on a free loopback port, for a `with` block."""
 
-    def __init__(self, pair: str, parallel: int, args):
+    def __init__(self, parallel: int, args):
         self.port = free_port()
         self.log = Path(tempfile.mkdtemp(prefix="bench_parallel_")) / "server.log"
-        self.proc = start_server(["--pair", pair, "--threads", str(args.threads), "--method", args.method],
+        self.proc = start_server([*model_args(args), "--threads", str(args.threads), "--method", args.method],
                                  port=self.port, log_path=str(self.log), wait_s=600,
                                  extra=["--parallel", str(parallel), "--ctx", str(args.ctx)])
         self.url = f"http://127.0.0.1:{self.port}"
@@ -132,17 +133,28 @@ async def idle_latency(url: str, args) -> list[float]:
         return [(await ask(c, b))[2] for b in shorts]
 
 
-def batch_costs(pair: str, threads: int) -> dict[str, list[float]]:
+def model_args(args) -> list[str]:
+    """The servers' model arguments: --base/--guide when given, else --pair."""
+    return ["--base", args.base, "--guide", args.guide] if args.base else ["--pair", args.pair]
+
+
+def model_paths(args) -> list[str]:
+    from blendin_cpp import real_models
+    if args.base:
+        return [args.base, args.guide]
+    p = real_models.PAIRS[args.pair]
+    return [str(real_models.fetch(name)) for name in (p.base, p.guide)]
+
+
+def batch_costs(args) -> dict[str, list[float]]:
     """What batching can gain at most: each model's decode of k rows (one token for each of k
     sequences) against one row, measured here (`Model.decode_seconds`)."""
     import blendin_cpp as bc
-    from blendin_cpp import real_models
-    p = real_models.PAIRS[pair]
     out = {}
-    for name in (p.base, p.guide):
-        m = bc.Model(str(real_models.fetch(name)), n_ctx=512, n_threads=threads)
+    for path in model_paths(args):
+        m = bc.Model(path, n_ctx=512, n_threads=args.threads)
         one = m._handle.decode_seconds(1)
-        out[name] = [m._handle.decode_seconds(k) / one for k in (2, 4, 8)]
+        out[Path(path).stem] = [m._handle.decode_seconds(k) / one for k in (2, 4, 8)]
         del m
     return out
 
@@ -150,6 +162,8 @@ def batch_costs(pair: str, threads: int) -> dict[str, list[float]]:
 def main() -> int:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--pair", default="real", help="a named pair (python -m blendin_cpp models list)")
+    ap.add_argument("--base", help="with --guide: this pair of GGUF files instead of --pair")
+    ap.add_argument("--guide")
     ap.add_argument("--clients", default="1,2,4,8,16", help="comma-separated client counts (= --parallel)")
     ap.add_argument("--requests", type=int, default=16, help="requests in the fixed set")
     ap.add_argument("--max-tokens", type=int, default=48)
@@ -160,19 +174,22 @@ def main() -> int:
     ap.add_argument("--long-tokens", type=int, default=192)
     ap.add_argument("--json", help="write every number here")
     args = ap.parse_args()
+    if (args.base is None) != (args.guide is None):
+        raise SystemExit("--base and --guide go together")
     counts = [int(x) for x in args.clients.split(",")]
     bodies = [body(q, args.max_tokens) for q in questions(args.requests)]
     rows, first = [], None
-    costs = batch_costs(args.pair, args.threads)
+    costs = batch_costs(args)
     for name, c in costs.items():
         print(f"{name}: a decode of 2, 4, 8 rows costs {c[0]:.2f}x, {c[1]:.2f}x, {c[2]:.2f}x one row "
               f"(so batching 8 can gain at most {8 / c[2]:.2f}x on it)", flush=True)
-    print(f"pair {args.pair}, method {args.method}, {args.requests} chat requests of {args.max_tokens} tokens, "
+    pair = f"{Path(args.base).stem} + {Path(args.guide).stem}" if args.base else args.pair
+    print(f"pair {pair}, method {args.method}, {args.requests} chat requests of {args.max_tokens} tokens, "
           f"--ctx {args.ctx}, {args.threads} threads", flush=True)
     print(f"{'clients':>8} {'tok/s':>8} {'x one at a time':>16} {'p50 s':>7} {'p95 s':>7} {'same answers':>13} "
           f"{'KV MiB':>8} {'per slot':>9}", flush=True)
     for n in counts:
-        with Server(args.pair, n, args) as srv:
+        with Server(n, args) as srv:
             r = asyncio.run(throughput(srv.url, n, bodies))
         r.update(clients=n, kv_mib=srv.kv_mib, kv_slot_mib=srv.kv_slot_mib)
         first = first or r
@@ -182,10 +199,10 @@ def main() -> int:
         print(f"{n:>8} {r['tokens_per_s']:>8.1f} {r['ratio']:>15.2f}x {r['p50_s']:>7.2f} {r['p95_s']:>7.2f} "
               f"{r['same']:>6}/{len(bodies):<6} {srv.kv_mib or 0:>8.1f} {srv.kv_slot_mib or 0:>9.1f}", flush=True)
     fair = {}
-    with Server(args.pair, 1, args) as srv:
+    with Server(1, args) as srv:
         fair["idle"] = asyncio.run(idle_latency(srv.url, args))
         fair["parallel 1"] = asyncio.run(behind_long_ones(srv.url, args))
-    with Server(args.pair, 4, args) as srv:
+    with Server(4, args) as srv:
         fair["parallel 4"] = asyncio.run(behind_long_ones(srv.url, args))
     print(f"\na 16-token request behind 3 requests of {args.long_tokens} tokens ({args.shorts} of them, sent "
           f"together):")

@@ -165,7 +165,7 @@ def prepare(name: str, args) -> dict | None:
     prompts = prompts_for(blender, questions)
     bridged = blender._engine.bridged
     eog = sorted({t for t in bm.special_tokens.values() if t >= 0 and bm.is_eog(t)})
-    if name not in RANDOM_PAIRS:  # trained models: BlendIn's default gamma, not tuned to the prompts
+    if name not in RANDOM_PAIRS and not args.calibrate_gamma:  # trained models: BlendIn's default gamma
         gamma, how = 0.4, "fixed"
     else:
         key = hashlib.sha1(json.dumps([base, prompts, args.tokens, TARGET_RATE]).encode()).hexdigest()[:16]
@@ -174,6 +174,7 @@ def prepare(name: str, args) -> dict | None:
         if key not in known:
             t0 = time.perf_counter()
             known[key] = calibrate_gamma(blender, prompts, args.tokens)
+            CACHE.mkdir(exist_ok=True)
             cache.write_text(json.dumps(known, indent=1))
             log(f"[{name}] calibrated gamma in {time.perf_counter() - t0:.0f} s")
         gamma, how = known[key][0], "calibrated"
@@ -359,6 +360,9 @@ def main(argv=None) -> None:
     ap.add_argument("--http-repeats", type=int, default=3)
     ap.add_argument("--no-http", action="store_true", help="leave out the per-token HTTP peer")
     ap.add_argument("--configs", help="comma-separated subset of the rows: " + ", ".join(c for c, _ in ROWS))
+    ap.add_argument("--calibrate-gamma", action="store_true",
+                    help="calibrate gamma for --base/--guide too, as for the random pairs (about half the steps "
+                         "blended): for random-weight models such as bench/standins.py's stand-ins")
     ap.add_argument("--threads", type=int, default=2, help="n_threads of every model")
     ap.add_argument("--n-ctx", type=int, default=512)
     ap.add_argument("--random-questions", type=int, default=2, help="prompts per random pair")

@@ -192,6 +192,8 @@ void bind_functions(nb::module_& m) {
           "Validate a GGUF file's header before llama.cpp sees it: (architecture, tensors, bytes).");
     m.def("cpu_extra_buffer_types", &blendin::cpu_extra_buffer_types,
           "The CPU backend's extra weight buffer types in this build on this CPU (e.g. AMX, CPU_REPACK).");
+    m.def("gpu_devices", &blendin::gpu_devices,
+          "The GPUs this llama.cpp build can use here ('CUDA0: NVIDIA H200, 143771 MiB'); empty without one.");
     m.def("use_extra_buffer_types", &blendin::use_extra_buffer_types, "amx"_a,
           "Whether a load uses the extra buffer types: not where AMX is offered, unless amx is true.");
     m.def("rpc_available", &blendin::rpc::available, "Whether this llama.cpp build has the RPC backend.");

@@ -108,6 +108,21 @@ std::vector<std::string> cpu_extra_buffer_types() {
     return out;
 }
 
+std::vector<std::string> gpu_devices() {
+    install_logging();
+    std::vector<std::string> out;
+    for (size_t i = 0; i < ggml_backend_dev_count(); ++i) {
+        ggml_backend_dev_t dev = ggml_backend_dev_get(i);
+        const auto type = ggml_backend_dev_type(dev);
+        if (type != GGML_BACKEND_DEVICE_TYPE_GPU && type != GGML_BACKEND_DEVICE_TYPE_IGPU) continue;
+        size_t free = 0, total = 0;
+        ggml_backend_dev_memory(dev, &free, &total);
+        out.push_back(std::string(ggml_backend_dev_name(dev)) + ": " + ggml_backend_dev_description(dev) + ", " +
+                      std::to_string(total >> 20) + " MiB");
+    }
+    return out;
+}
+
 bool use_extra_buffer_types(bool amx) {
     if (amx) return true;
     for (const std::string& name : cpu_extra_buffer_types())

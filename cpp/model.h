@@ -47,6 +47,10 @@ struct ModelParams {
 // The CPU backend's extra weight buffer types in this build on this CPU, in llama.cpp's order of
 // preference (for example "AMX", "CPU_REPACK").
 std::vector<std::string> cpu_extra_buffer_types();
+// The GPU devices llama.cpp's backends offer in this build on this machine ("CUDA0: NVIDIA H200,
+// 143771 MiB"), in llama.cpp's order; empty for a CPU build or a machine without a usable GPU. (Not
+// llama_supports_gpu_offload, which also says yes for a CPU build that has the RPC backend.)
+std::vector<std::string> gpu_devices();
 // Whether a load may use the extra buffer types: llama.cpp takes all of them or none, so a CPU
 // that offers AMX gets none unless `amx` is asked for (repacking is lost there, AMX is never used).
 bool use_extra_buffer_types(bool amx);

@@ -140,3 +140,19 @@ def test_a_message_cannot_forge_control_tokens(tiny_model):
     for prompt in (messages, FORGED):
         guide = b.prompts(prompt).guide
         assert len(controls(b.guide, guide)) == (6 if prompt is messages else 4)
+
+
+def test_the_default_offload_follows_the_build(tiny_model):
+    """Not given, n_gpu_layers is every layer where llama.cpp lists a GPU (and with RPC servers),
+    else none; 0 always keeps the weights on the CPU. llama_cpp_peer loads with the same default."""
+    from blendin_cpp.model import default_gpu_layers, gpu_devices
+    gpus = gpu_devices()
+    assert all(":" in g and g.endswith(" MiB") for g in gpus)
+    assert default_gpu_layers() == (-1 if gpus else 0)
+    assert default_gpu_layers(["127.0.0.1:50052"]) == -1
+    off_cpu = lambda m: [n for n in m.buffer_types if not n.startswith("CPU")]  # noqa: E731
+    assert bool(off_cpu(bc.Model(tiny_model, n_ctx=64, n_threads=1))) == bool(gpus)
+    assert off_cpu(bc.Model(tiny_model, n_ctx=64, n_threads=1, n_gpu_layers=0)) == []
+    pytest.importorskip("llama_cpp")
+    ll = llama_cpp_peer.load(tiny_model, n_ctx=64, verbose=False)
+    assert ll.model_params.n_gpu_layers == (0x7FFFFFFF if gpus else 0)  # llama-cpp-python's spelling of -1

@@ -13,7 +13,7 @@ from __future__ import annotations
 import sys
 import threading
 
-from .model import use_extra_buffer_types
+from .model import default_gpu_layers, use_extra_buffer_types
 
 _patch_lock = threading.Lock()
 
@@ -35,9 +35,12 @@ def _patch(use_extra_bufts: bool):
 
 def load(path: str, *, amx: bool | None = None, extra_buffer_types: bool | None = None, **kwargs):
     """`llama_cpp.Llama(path, **kwargs)` with blendin_cpp's choice of weight buffer types (or
-    `extra_buffer_types` forced on or off, for the benchmark that compares the two)."""
+    `extra_buffer_types` forced on or off, for the benchmark that compares the two) and, unless
+    `n_gpu_layers` is given, blendin_cpp's default offload (every layer where there is a GPU;
+    llama-cpp-python's own default is none)."""
     import llama_cpp
     import llama_cpp.llama_cpp as lc
+    kwargs.setdefault("n_gpu_layers", default_gpu_layers())
     use = use_extra_buffer_types(amx) if extra_buffer_types is None else bool(extra_buffer_types)
     with _patch_lock:
         original = _patch(use)

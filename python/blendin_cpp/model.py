@@ -40,6 +40,20 @@ def use_extra_buffer_types(amx: bool | None = None) -> bool:
     return _core.use_extra_buffer_types(amx_requested(amx))
 
 
+def gpu_devices() -> list[str]:
+    """The GPUs llama.cpp can use in this build on this machine ("CUDA0: NVIDIA H200, 143771 MiB");
+    empty for a CPU build of llama-cpp-python or a machine without a usable GPU."""
+    return list(_core.gpu_devices())
+
+
+def default_gpu_layers(rpc_servers: Sequence[str] = ()) -> int:
+    """The `n_gpu_layers` a load gets when none is given: every layer (-1) where there is somewhere
+    to put them (a GPU in this build, or RPC servers), else 0 (the CPU). llama.cpp's own default
+    (llama_model_default_params) is also every layer; llama-server's is "auto" (as many as fit);
+    llama-cpp-python's `Llama` defaults to 0."""
+    return -1 if rpc_servers or gpu_devices() else 0
+
+
 def parse_rpc(rpc: str | Iterable[str] | None) -> list[str]:
     """RPC servers as a list of "host:port": a list, or one string with commas ("a:1,b:2")."""
     if rpc is None:
@@ -71,8 +85,9 @@ class Model:
     Args:
         path: the .gguf file.
         n_ctx: context length in tokens (default: the model's training context).
-        n_gpu_layers: layers to offload to the GPU or the RPC servers (-1: all; default: none, or all
-            with `rpc`; a GPU needs a GPU build of llama-cpp-python).
+        n_gpu_layers: layers to offload to the GPU or the RPC servers (-1: all; 0: none, the CPU
+            alone; default: all where the llama-cpp-python build has a GPU backend and finds a GPU,
+            or with `rpc`; else none). See `default_gpu_layers`.
         n_threads: CPU threads (default: all cores).
         n_batch: most tokens one decode call takes (prompts are split into such chunks).
         n_seq_max: parallel sequences in the KV cache (for best-of-N).
@@ -98,7 +113,7 @@ class Model:
         n_threads = _int_param("n_threads", n_threads, minimum=1, allow_none=True)
         rpc_servers = parse_rpc(rpc)
         if n_gpu_layers is None:
-            n_gpu_layers = -1 if rpc_servers else 0
+            n_gpu_layers = default_gpu_layers(rpc_servers)
         n_gpu_layers = _int_param("n_gpu_layers", n_gpu_layers, minimum=-1)
         n_batch = _int_param("n_batch", n_batch, minimum=1)
         n_seq_max = _int_param("n_seq_max", n_seq_max, minimum=1)

@@ -26,7 +26,8 @@ def add_model_args(p: argparse.ArgumentParser) -> None:
                    help=f"context length per model (default 2048; {demo.TRAINED_CTX} for the demo models, which were "
                         "trained on that: beyond it their answers are unreliable)")
     g.add_argument("--n-gpu-layers", type=int, default=None,
-                   help="layers to offload to the GPU or the RPC servers (-1 = all; default: none, all with --rpc)")
+                   help="layers to offload to the GPU or the RPC servers (-1 = all, 0 = none: the CPU alone; default: all "
+                        "when llama-cpp-python was built with a GPU backend and a GPU is there, or with --rpc)")
     g.add_argument("--rpc", metavar="HOST:PORT[,HOST:PORT...]",
                    help="put the base's layers on llama.cpp RPC servers (`rpc-server` on each machine), split in "
                         "proportion to their free memory; needs llama-cpp-python built with -DGGML_RPC=on")
