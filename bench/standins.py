@@ -54,6 +54,8 @@ class Quantizer:
     """ggml_quantize_chunk from the libggml-base that llama-cpp-python installed."""
 
     def __init__(self):
+        import llama_cpp
+        llama_cpp.llama_backend_init()  # ggml's own set-up (its tables, the CPU's features) before quantizing
         from blendin_cpp._libllama import libllama_dir
         lib = ctypes.CDLL(str(libllama_dir() / "libggml-base.so"))
         self.fn = lib.ggml_quantize_chunk
