@@ -289,6 +289,7 @@ def test_cli_flags_and_chat_defaults():
     parser = build_parser()
     chat = parser.parse_args(["chat"])
     assert chat.dry_multiplier == 0.8 and chat.loop_gate == 4 and chat.guide_ends is True
+    assert chat.frequency_penalty == 0.3
     gen = parser.parse_args(["generate", "--prompt", "x", "--repeat-penalty", "1.1", "--dry-sequence-breaker", "\n",
                              "--dry-sequence-breaker", ":"])
     assert gen.repeat_penalty == 1.1 and gen.dry_sequence_breakers == ["\n", ":"] and gen.guide_ends is False

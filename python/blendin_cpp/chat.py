@@ -37,7 +37,7 @@ SAMPLING = ("temperature", "top_p", "top_k", "min_p", "seed", "max_tokens", "ign
 # The chat's (and the server's) defaults, chosen by measurement (docs/design.md section 3.6): where
 # they differ from the core's, greedy decoding of small models looped on ordinary requests.
 CHAT_DEFAULTS = {"max_tokens": 256, "temperature": 0.0, "top_k": 0, "top_p": 1.0, "min_p": 0.0,
-                 "guide_ends": True, "dry_multiplier": 0.8, "loop_gate": 4}
+                 "guide_ends": True, "frequency_penalty": 0.3, "dry_multiplier": 0.8, "loop_gate": 4}
 
 
 HELP = """\
