@@ -54,9 +54,11 @@ class Quantizer:
     """ggml_quantize_chunk from the libggml-base that llama-cpp-python installed."""
 
     def __init__(self):
+        # blendin_cpp first, as every other entry point imports it: it loads llama_cpp's libllama
+        # itself (blendin_cpp/_libllama.py) and runs its extension's set-up before any backend starts
+        from blendin_cpp._libllama import libllama_dir
         import llama_cpp
         llama_cpp.llama_backend_init()  # ggml's own set-up (its tables, the CPU's features) before quantizing
-        from blendin_cpp._libllama import libllama_dir
         lib = ctypes.CDLL(str(libllama_dir() / "libggml-base.so"))
         self.fn = lib.ggml_quantize_chunk
         self.fn.restype = ctypes.c_size_t

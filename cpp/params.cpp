@@ -1,8 +1,8 @@
 #include "params.h"
 
 #include <cmath>
+#include <cstdio>
 #include <limits>
-#include <sstream>
 
 #include "error.h"
 
@@ -13,10 +13,12 @@ constexpr double kInf = std::numeric_limits<double>::infinity();
 const char* kMethodNames[] = {"base", "guide", "nudging", "nudging_word", "blendin", "ensemble", "proxy", "dera"};
 constexpr int kMethods = sizeof kMethodNames / sizeof kMethodNames[0];
 
+// printf's %g (what an ostream prints by default), without iostreams: on a CUDA machine the first
+// use of a stream's locale after the CUDA libraries were loaded crashed (the GPU kit's report).
 std::string number(double x) {
-    std::ostringstream s;
-    s << x;
-    return s.str();
+    char buf[32];
+    std::snprintf(buf, sizeof buf, "%g", x);
+    return buf;
 }
 }  // namespace
 

@@ -106,7 +106,13 @@ class Run:
         left = self.deadline - time.monotonic() - REPORT_RESERVE
         rec = {"phase": name, "limit_s": limit, "log": f"logs/{name}.log"}
         self.phases.append(rec)
-        failed = [n for n in needs if self.status(n) != "ok"]
+        if self.args.phases and name not in self.args.phases and name != "environment":
+            # not asked for: an earlier run in the same --work may have left what it makes
+            made = self.made(name)
+            rec.update(status="reused" if made else "skipped", why="from an earlier run" if made else "not asked for")
+            self.say(f"{name}: {rec['status']} ({rec['why']})")
+            return made
+        failed = [n for n in needs if self.status(n) not in ("ok", "reused")]
         if failed:
             rec.update(status="skipped", why=f"needs {', '.join(failed)}")
             self.say(f"{name}: skipped ({rec['why']})")
@@ -134,6 +140,20 @@ class Run:
                 print(f"    | {line}", flush=True)
         self.write_report()  # after every phase: a run killed from outside still leaves one
         return rc == 0
+
+    def made(self, name: str) -> bool:
+        """Whether the work folder holds what phase `name` makes (for --phases)."""
+        if name == "unpack":
+            return (self.src / "pyproject.toml").exists() and self.prefix.is_dir()
+        if name == "build":
+            return any((self.prefix / "llama_cpp" / "lib").glob("libllama.*"))
+        if name == "install":
+            return (self.prefix / "blendin_cpp").is_dir()
+        if name == "standins":
+            table = json.loads((KIT / "standins" / "standins.json").read_text())
+            return all((self.standins / f"{n}.gguf").exists() and (self.standins / f"{n}.gguf").stat().st_size == m["size"]
+                       for n, m in table["models"].items())
+        return False
 
     def status(self, name: str) -> str | None:
         return next((p["status"] for p in self.phases if p["phase"] == name), None)
@@ -260,7 +280,24 @@ class Run:
         with open(log, "a") as f:
             f.write(f"[run_kit] blendin_cpp sees GPU offload: {r.stdout.strip()} {r.stderr.strip()[-2000:]}\n")
         self.facts["blendin_cpp_gpu_offload"] = r.stdout.strip()
+        if r.returncode == 0:
+            self.import_order_probe(log)
         return r.returncode
+
+    def import_order_probe(self, log: Path) -> None:
+        """Record whether blendin_cpp imports after llama_cpp has started its backends (a first GPU
+        run crashed there); with a backtrace where gdb exists. A finding, not a failure."""
+        code = "import llama_cpp; llama_cpp.llama_backend_init(); import blendin_cpp; print('ok')"
+        r = subprocess.run([sys.executable, "-X", "faulthandler", "-c", code], capture_output=True, text=True,
+                           env=self.env(), cwd=self.work, timeout=60)
+        self.facts["import_after_backend_init"] = "ok" if r.returncode == 0 else f"failed (exit {r.returncode})"
+        with open(log, "a") as f:
+            f.write(f"[run_kit] llama_cpp's backends started, then import blendin_cpp: exit {r.returncode}\n"
+                    f"{r.stdout[-1000:]}{r.stderr[-3000:]}\n")
+            if r.returncode and shutil.which("gdb"):
+                g = subprocess.run(["gdb", "-batch", "-ex", "run", "-ex", "bt 30", "--args", sys.executable, "-c", code],
+                                   capture_output=True, text=True, env=self.env(), cwd=self.work, timeout=120)
+                f.write(f"[run_kit] gdb:\n{g.stdout[-6000:]}\n")
 
     def make_standins(self, log: Path, timeout: float) -> int:
         table = json.loads((KIT / "standins" / "standins.json").read_text())
@@ -282,9 +319,12 @@ class Run:
 
     def gpu_tests(self, log: Path, timeout: float) -> int:
         xml = self.logs / "gpu-tests.xml"
-        return self.run("gpu-tests", [sys.executable, "-m", "pytest", "-v", "-rs", "-p", "no:cacheprovider",
-                                      f"--junitxml={xml}", "tests/test_gpu.py"],
-                        log=log, timeout=timeout, cwd=self.src)
+        # only pytest's own plugins (an image's Python may carry others that load libraries first), and
+        # a Python traceback should anything crash
+        env = dict(self.env(), PYTEST_DISABLE_PLUGIN_AUTOLOAD="1")
+        return self.run("gpu-tests", [sys.executable, "-X", "faulthandler", "-m", "pytest", "-v", "-rs",
+                                      "-p", "no:cacheprovider", f"--junitxml={xml}", "tests/test_gpu.py"],
+                        log=log, timeout=timeout, cwd=self.src, env=env)
 
     def bench_sizes(self) -> dict:
         # on a CPU (the rehearsal) the same commands on a token budget: they show that everything runs
@@ -409,7 +449,13 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--arch", help="CUDA architecture, e.g. 90 (default: this GPU's, from nvidia-smi)")
     ap.add_argument("--work", type=Path, help="scratch folder: sources, build, prefix, stand-ins (default: OUT/work)")
     ap.add_argument("--budget", type=float, help="seconds for everything (default: 540, or 7200 with --cpu)")
+    ap.add_argument("--phases", type=lambda v: [p.strip() for p in v.split(",") if p.strip()],
+                    help="run only these phases (comma-separated; the environment always runs); the others' "
+                         "products (sources, builds, stand-ins) are reused from an earlier run in the same --work")
     args = ap.parse_args(argv)
+    unknown = set(args.phases or ()) - set(LIMITS)
+    if unknown:
+        ap.error(f"unknown phase(s) {', '.join(sorted(unknown))}; the phases: {', '.join(LIMITS)}")
     if args.budget is None:
         args.budget = 7200 if args.cpu else 540
     return Run(args).main()
