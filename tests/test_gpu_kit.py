@@ -53,6 +53,33 @@ def test_the_kit_is_under_its_size_limit_and_holds_what_run_sh_uses(kit):
     assert r.returncode == 2 and "usage" in r.stderr
 
 
+def test_phases_reuse_an_earlier_runs_products_and_refuse_unknown_names(kit, tmp_path):
+    """A GPU run split over two calls: the second asks for the benchmarks only and must find the
+    build, the install and the stand-ins of the first in the same --work, or skip what needs them."""
+    out, _ = kit
+    r = subprocess.run([sys.executable, str(out / "run_kit.py"), str(tmp_path / "o"), "--cpu", "--phases", "bench-qwen,nope"],
+                       capture_output=True, text=True)
+    assert r.returncode == 2 and "unknown phase(s) nope" in r.stderr, r.stderr
+
+    def run(work: Path) -> dict:
+        report = tmp_path / work.name
+        subprocess.run([sys.executable, str(out / "run_kit.py"), str(report), "--cpu", "--work", str(work),
+                        "--phases", "gpu-tests"], capture_output=True, text=True, timeout=120)
+        return {p["phase"]: p["status"] for p in json.loads((report / "report.json").read_text())["phases"]}
+
+    empty = run(tmp_path / "empty")  # nothing made before: nothing reused, the tests cannot run
+    assert [empty[p] for p in ("unpack", "build", "install", "standins", "gpu-tests")] == ["skipped"] * 5, empty
+    made = tmp_path / "made"  # what an earlier run leaves: sources, llama_cpp's and blendin_cpp's installs
+    (made / "src" / "blendin_cpp").mkdir(parents=True)
+    (made / "src" / "blendin_cpp" / "pyproject.toml").write_text("")
+    (made / "prefix" / "llama_cpp" / "lib").mkdir(parents=True)
+    (made / "prefix" / "llama_cpp" / "lib" / "libllama.so").write_text("")
+    (made / "prefix" / "blendin_cpp").mkdir()
+    phases = run(made)
+    assert [phases[p] for p in ("unpack", "build", "install", "standins")] == ["reused"] * 3 + ["skipped"], phases
+    assert phases["bench-qwen"] == "skipped"  # not asked for
+
+
 def test_the_trimmed_llama_cpp_python_keeps_every_file_a_cuda_or_cpu_build_reads(kit):
     out, _ = kit
     version = gpu_kit.llama_cpp_python_version()
