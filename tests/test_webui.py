@@ -153,9 +153,16 @@ def page(browser, server):
     return open_page(browser, server)
 
 
+def chat_fields(server) -> dict:
+    """What the page sends for its empty settings: the chat's defaults where they are not the server's."""
+    table = httpx.get(f"{server}/v1/parameters", timeout=10).json()
+    return {p["name"]: p["chat_default"] for p in table["parameters"]
+            if p["name"] != "method" and p["chat_default"] != p["default"]}
+
+
 def trace(server, body: dict) -> tuple[list[tuple[str, str]], dict]:
-    """The API's answer to the same request, alone: [(source, text)] per token and its statistics."""
-    r = api(server, {**body, "trace": True})
+    """The API's answer to the page's request, alone: [(source, text)] per token and its statistics."""
+    r = api(server, {**chat_fields(server), **body, "trace": True})
     assert r.status_code == 200, r.text
     d = r.json()
     return [(s["source"], s["text"]) for s in d["steps"]], d["blend"]
@@ -220,6 +227,44 @@ def test_parameters_are_the_servers_table(server):
     r = api(server, {"messages": CHAT, "max_tokens": 2, **{p: params[p]["default"] for p in params
                                                            if params[p]["default"] is not None}})
     assert r.status_code == 200, r.text
+
+
+def test_the_page_starts_from_the_chats_defaults_unless_serve_set_its_own(server, tmp_path):
+    """The terminal chat's defaults (greedy, guide_ends, the repetition controls) are what the page
+    sends for empty fields; API clients keep the server's (OpenAI's: no penalties); a value given to
+    `serve` is the page's too."""
+    from blendin_cpp.chat import CHAT_DEFAULTS
+    want = {k: v for k, v in CHAT_DEFAULTS.items() if k in ("guide_ends", "frequency_penalty", "dry_multiplier",
+                                                            "loop_gate")}
+    assert chat_fields(server) == want and want["frequency_penalty"] > 0 and want["guide_ends"] is True
+    table = {p["name"]: p for p in httpx.get(f"{server}/v1/parameters", timeout=10).json()["parameters"]}
+    assert table["frequency_penalty"]["default"] == 0.0 and table["temperature"]["chat_default"] == 0.0
+    port = load_server.free_port()
+    proc = load_server.start_server(["--threads", "1", "--frequency-penalty", "0.5", "--loop-gate", "6"], port=port,
+                                    log_path=str(tmp_path / "server.log"))
+    try:
+        url = f"http://127.0.0.1:{port}"
+        own = chat_fields(url)
+        table = {p["name"]: p for p in httpx.get(f"{url}/v1/parameters", timeout=10).json()["parameters"]}
+    finally:
+        proc.terminate()
+        proc.wait(30)
+    # serve's values are the API's defaults and the page's: the page need not send them
+    assert own == {"guide_ends": True, "dry_multiplier": 0.8}
+    assert table["frequency_penalty"]["default"] == table["frequency_penalty"]["chat_default"] == 0.5
+    assert table["loop_gate"]["default"] == table["loop_gate"]["chat_default"] == 6
+
+
+def test_the_page_sends_the_chats_defaults_and_what_is_typed(page, server):
+    page.js("window.sent = []; const f = window.fetch; window.fetch = (url, opts) => {"
+            " if (String(url).includes('chat/completions')) window.sent.push(JSON.parse(opts.body));"
+            " return f(url, opts); }")
+    page.set_param("dry_multiplier", "1.5")
+    page.ask(QUESTION)
+    page.wait_answers(1)
+    (body,) = page.js("return window.sent")
+    assert body.items() >= {**chat_fields(server), "dry_multiplier": 1.5}.items(), body
+    assert "temperature" not in body  # the chat's is the server's: left to it
 
 
 def test_the_page_is_served_from_the_package_alone(server):
@@ -362,6 +407,9 @@ def test_stop_mid_answer(browser, long_server):
     server frees the request at once."""
     page = open_page(browser, long_server)
     page.set_param("max_tokens", "4000")
+    # the random models' answers run long only in their loop: none of the chat's ways out of it
+    for name, off in (("guide_ends", "false"), ("frequency_penalty", "0"), ("dry_multiplier", "0")):
+        page.set_param(name, off)
     page.ask(LONG)
     seen = []
     page.wait.until(lambda d: (a := page.answers()) and a[0]["streaming"] and len(a[0]["tokens"]) >= 3

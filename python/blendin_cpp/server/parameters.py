@@ -2,6 +2,12 @@
 server's default and the core's range, so that a client (the chat page's settings panel) builds its
 form from the server instead of repeating the table.
 
+Each field also has `chat_default`: the value the chat page sends when its field is empty. That is
+the terminal chat's default (`chat.CHAT_DEFAULTS`: greedy, guide_ends and the repetition controls
+that keep small models from looping) unless `serve` was started with its own value for the field
+(one other than the core's default: `serve --frequency-penalty 0` cannot be told from no value).
+API clients that send nothing get the server's defaults (OpenAI's: no penalties), as before.
+
 A field is listed when the request schema has it and the core has a range for it
 (`blendin_cpp.blender.RANGES`), or when its value is one of some names (`method`; `alpha` also takes
 "auto"): a parameter added to both appears here with no change to this file."""
@@ -10,7 +16,9 @@ from __future__ import annotations
 import math
 import typing
 
-from ..blender import METHODS, RANGES
+from .._core import GenParams
+from ..blender import METHODS, RANGES, REPETITION
+from ..chat import CHAT_DEFAULTS
 from .schemas import ChatRequest
 
 # top_logprobs is in both tables, but it is OpenAI's log-probability output, not a knob of the
@@ -29,9 +37,16 @@ def _bound(x: float) -> float | None:
     return x if math.isfinite(x) else None  # JSON has no infinity: null is "no bound"
 
 
+def _core_default(name: str):
+    """What the core does when nothing asks otherwise (serve's options default to it)."""
+    if name in REPETITION:
+        return REPETITION[name]
+    return False if name == "guide_ends" else getattr(GenParams(), name, None)
+
+
 def parameter_table(server) -> dict:
-    """{"parameters": [{name, type, default, min, max, min_exclusive, max_exclusive, range,
-    choices}...], "av_scales": {name: start-up scale}} for this server's models."""
+    """{"parameters": [{name, type, default, chat_default, min, max, min_exclusive, max_exclusive,
+    range, choices}...], "av_scales": {name: start-up scale}} for this server's models."""
     blender = server.blender
     defaults = {**server.defaults, **{"lambda" if k == "lambda_" else k: v for k, v in blender.defaults.items()}}
     runnable = [m for m in METHODS if (m == "base" or blender.guide is not None)
@@ -39,10 +54,16 @@ def parameter_table(server) -> dict:
     out = []
     for field_name, f in ChatRequest.model_fields.items():
         name = f.alias or field_name
-        choices = runnable if name == "method" else _names(f.annotation)
+        # an Optional[bool] (None: the server's default) is a switch of the generation: guide_ends
+        switch = f.annotation == typing.Optional[bool]
+        choices = runnable if name == "method" else [True, False] if switch else _names(f.annotation)
         if name in NOT_SETTINGS or not (name in RANGES or choices):
             continue
-        p = {"name": name, "type": "choice", "default": defaults.get(name), "choices": choices}
+        default = defaults.get(name)
+        chat = CHAT_DEFAULTS[name] if name in CHAT_DEFAULTS and name != "max_tokens" \
+            and default == _core_default(name) else default  # serve's own value wins
+        p = {"name": name, "type": "boolean" if switch else "choice", "default": default, "chat_default": chat,
+             "choices": choices}
         if name in RANGES:
             lo, hi, lo_open, hi_open, integer, text = RANGES[name]
             if name == "max_tokens":  # the server's own limit, within the core's range

@@ -1,6 +1,7 @@
 // The settings form, built from the server's own table (GET /v1/parameters): one field per
-// parameter it lists, with the server's default as placeholder and the core's range as hint. The
-// page checks nothing itself: the server refuses a bad value and its message is shown.
+// parameter it lists, with the value an empty field sends as placeholder (its chat_default: the
+// terminal chat's defaults, which keep small models from looping) and the core's range as hint.
+// The page checks nothing itself: the server refuses a bad value and its message is shown.
 
 function field(param, value, onInput) {
   const label = document.createElement("label");
@@ -15,7 +16,8 @@ function field(param, value, onInput) {
   input.dataset.testid = `param-${param.name}`;
   input.inputMode = param.type === "integer" ? "numeric" : "decimal";
   input.autocomplete = "off";
-  input.placeholder = param.default === null || param.default === undefined ? "off" : String(param.default);
+  const shown = param.chat_default ?? param.default;
+  input.placeholder = shown === null || shown === undefined ? "off" : String(shown);
   input.value = value ?? "";
   input.addEventListener("input", () => onInput(input.value));
   const hint = document.createElement("span");
@@ -64,19 +66,23 @@ export function buildSettings(table, settings, { methodSelect, fields, avFields,
   }
 }
 
-// A typed value as JSON: a number where it reads as one, else the text as typed (the server
-// accepts "auto" for alpha and refuses the rest with its own message).
+// A typed value as JSON: true or false, a number where it reads as one, else the text as typed
+// (the server accepts "auto" for alpha and refuses the rest with its own message).
 function value(text) {
+  if (text === "true" || text === "false") return text === "true";
   const n = Number(text);
   return text.trim() !== "" && Number.isFinite(n) ? n : text;
 }
 
-// The request fields the settings add (empty fields are left to the server's defaults).
+// The request fields the settings add: what was typed, else the chat's default where it is not
+// the server's (the rest is left to the server).
 export function requestFields(table, settings) {
   const body = {};
   for (const param of table.parameters) {
+    if (param.name === "method") continue;
     const text = (settings.values[param.name] ?? "").trim();
-    if (param.name !== "method" && text !== "") body[param.name] = value(text);
+    if (text !== "") body[param.name] = value(text);
+    else if (param.chat_default !== undefined && param.chat_default !== param.default) body[param.name] = param.chat_default;
   }
   const av = Object.entries(settings.av).filter(([name, text]) => name in (table.av_scales ?? {}) && text.trim());
   if (av.length) body.av_scales = Object.fromEntries(av.map(([name, text]) => [name, value(text.trim())]));
