@@ -14,12 +14,6 @@ namespace blendin {
 
 namespace {
 
-// How many sequences of `prompt` + up to `tokens` tokens each fit the model at once.
-int fitting(const Model& m, size_t prompt, long tokens) {
-    const long room = m.n_ctx() - static_cast<long>(prompt);
-    return static_cast<int>(std::clamp<long>(room / std::max(tokens, 1L), 1, m.n_seq_max()));
-}
-
 // Sequences 1.. hold nothing: their cells are free for the next group, or for a single generation.
 void free_extra_sequences(Model& m) {
     for (int s = 1; s < m.n_seq_max(); ++s) m.truncate(s, 0);
@@ -92,7 +86,7 @@ public:
                 Step& s = d.decided();
                 bool room = true;
                 for (int r = 0; r < kRoles; ++r)
-                    if (models_[r] && static_cast<int>(targets_[r][c].size()) >= models_[r]->n_ctx()) room = false;
+                    if (models_[r] && static_cast<int>(targets_[r][c].size()) >= models_[r]->n_ctx_seq()) room = false;
                 const bool finished = d.emit(s, room);
                 if (!facts_.eog[s.token]) out[c].tokens.push_back(s.token);
                 if (!finished) {
@@ -162,10 +156,10 @@ std::vector<Candidate> generate_candidates(Model& base, Model* guide, Model* ant
         if (!given[r]) throw ValueError(std::string("method '") + method_name(m) + "' needs a " + role_name(r) + " model");
         if (prompts[r]->empty()) throw ValueError(std::string("the ") + role_name(r) + " prompt is empty");
         given[r]->check_tokens(*prompts[r]);
-        if (static_cast<int>(prompts[r]->size()) >= given[r]->n_ctx())
+        if (static_cast<int>(prompts[r]->size()) >= given[r]->n_ctx_seq())
             throw ValueError(std::string("the ") + role_name(r) + " prompt has " + std::to_string(prompts[r]->size()) +
                              " tokens, which leaves no room in its context of " +
-                             std::to_string(given[r]->n_ctx()) + " tokens");
+                             std::to_string(given[r]->n_ctx_seq()) + " tokens");
     }
     bool identity = true;
     if (guide) {
@@ -180,7 +174,7 @@ std::vector<Candidate> generate_candidates(Model& base, Model* guide, Model* ant
     for (int r = 0; r < kRoles; ++r)
         if (use[r]) {
             models[r] = given[r];
-            width = std::min(width, fitting(*given[r], prompts[r]->size(), params.max_tokens));
+            width = std::min(width, given[r]->n_seq_max());  // each sequence has its own cells
         }
     const TokenFacts facts(base, guide && identity ? guide : nullptr);
     std::vector<Candidate> out;
@@ -200,13 +194,13 @@ std::vector<double> score_continuations(Model& m, const std::vector<Token>& prom
     Lease::Scope hold(m.lease(), m.name());  // the whole scoring: no other thread truncates its sequences meanwhile
     if (prompt.empty()) throw ValueError("the scoring prompt is empty");
     m.check_tokens(prompt);
-    const long room = m.n_ctx() - static_cast<long>(prompt.size());
+    const long room = m.n_ctx_seq() - static_cast<long>(prompt.size());
     for (size_t i = 0; i < conts.size(); ++i) {
         m.check_tokens(conts[i]);
         // the last token is scored, not read: a continuation needs len - 1 cells after the prompt
         if (static_cast<long>(conts[i].size()) - 1 > room)
             throw ValueError("continuation " + std::to_string(i) + " has " + std::to_string(conts[i].size()) +
-                             " tokens, which do not fit the context of " + std::to_string(m.n_ctx()) +
+                             " tokens, which do not fit the context of " + std::to_string(m.n_ctx_seq()) +
                              " after the " + std::to_string(prompt.size()) + "-token prompt (raise n_ctx)");
     }
     auto logp = [nv](const float* row, Token t) {
@@ -217,12 +211,8 @@ std::vector<double> score_continuations(Model& m, const std::vector<Token>& prom
     };
     std::vector<double> out(conts.size(), 0.0);
     for (size_t g0 = 0; g0 < conts.size();) {
-        // a group: at most n_seq_max sequences whose tokens fit the cells left after the prompt
-        size_t g1 = g0;
-        long cells = 0;
-        while (g1 < conts.size() && static_cast<int>(g1 - g0) < m.n_seq_max() &&
-               (g1 == g0 || cells + static_cast<long>(conts[g1].size()) - 1 <= room))
-            cells += std::max(0L, static_cast<long>(conts[g1++].size()) - 1);
+        // a group: n_seq_max sequences, each in its own cells
+        const size_t g1 = std::min(conts.size(), g0 + static_cast<size_t>(m.n_seq_max()));
         const std::vector<float> row0 = share_prompt(m, prompt, static_cast<int>(g1 - g0));
         std::vector<BatchItem> items;
         std::vector<std::pair<size_t, size_t>> target;  // (continuation, index of the token the row predicts)

@@ -59,9 +59,9 @@ std::vector<float> all_logits(Model& m, const std::vector<Token>& tokens) {
     blendin::Lease::Scope use(m.lease(), m.name());  // the truncate and the decodes, as one call
     m.check_tokens(tokens);
     if (tokens.empty()) throw blendin::ValueError("logits() needs at least one token");
-    if (static_cast<int>(tokens.size()) > m.n_ctx())
+    if (static_cast<int>(tokens.size()) > m.n_ctx_seq())
         throw blendin::ValueError(std::to_string(tokens.size()) + " tokens do not fit the context of " +
-                                  std::to_string(m.n_ctx()));
+                                  std::to_string(m.n_ctx_seq()));
     const size_t nv = m.n_vocab();
     std::vector<float> out(tokens.size() * nv);
     std::vector<blendin::BatchItem> items;
@@ -194,8 +194,6 @@ void bind_functions(nb::module_& m) {
           "The CPU backend's extra weight buffer types in this build on this CPU (e.g. AMX, CPU_REPACK).");
     m.def("gpu_devices", &blendin::gpu_devices,
           "The GPUs this llama.cpp build can use here ('CUDA0: NVIDIA H200, 143771 MiB'); empty without one.");
-    m.def("use_extra_buffer_types", &blendin::use_extra_buffer_types, "amx"_a,
-          "Whether a load uses the extra buffer types: not where AMX is offered, unless amx is true.");
     m.def("rpc_available", &blendin::rpc::available, "Whether this llama.cpp build has the RPC backend.");
     m.def("rpc_failure", &blendin::rpc::failure, "The first RPC failure of this process ('' if none).");
     m.def("rpc_serve", &blendin::rpc::serve, "endpoint"_a, "cache_dir"_a, "n_threads"_a,
@@ -260,6 +258,7 @@ void bind_model(nb::module_& m) {
              "n_threads"_a, "kv_type"_a, "adapters"_a, "amx"_a, "rpc"_a)
         .def_prop_ro("n_vocab", &Model::n_vocab, "Tokens in the vocabulary.")
         .def_prop_ro("n_ctx", &Model::n_ctx, "KV cells of the context (all sequences together).")
+        .def_prop_ro("n_ctx_seq", &Model::n_ctx_seq, "The tokens one sequence can hold (n_ctx / n_seq_max).")
         .def_prop_ro("n_ctx_train", &Model::n_ctx_train, "The context length the model was trained with.")
         .def_prop_ro("n_batch", &Model::n_batch, "Most tokens one decode takes.")
         .def_prop_ro("n_seq_max", &Model::n_seq_max, "Sequences the context holds at once.")
@@ -614,6 +613,7 @@ void bind_best_of_n(nb::module_& m) {
 
 NB_MODULE(_core, m) {
     m.doc() = "blendin_cpp native core (llama.cpp decoding loop)";
+    blendin::batch_invariant_kernels();  // before llama-cpp-python, imported later, runs a matmul
     bind_functions(m);
     bind_model(m);
     bind_gen_params(m);

@@ -91,10 +91,10 @@ const float* Engine::guide_logits() {
     Track& g = tracks_[kGuide];
     if (!bridged()) return g.logits();
     const std::vector<Token>& read = retokenizer_->tokens(decoder_->text(), decoder_->readable_text());
-    if (guide_prompt_.size() + read.size() > static_cast<size_t>(g.model->n_ctx()))  // decoding checks room() first
+    if (guide_prompt_.size() + read.size() > static_cast<size_t>(g.model->n_ctx_seq()))  // decoding checks room() first
         throw ValueError("the guide reads the text as " + std::to_string(read.size()) + " tokens after its " +
                          std::to_string(guide_prompt_.size()) + "-token prompt, which do not fit its context of " +
-                         std::to_string(g.model->n_ctx()) + " tokens (raise n_ctx)");
+                         std::to_string(g.model->n_ctx_seq()) + " tokens (raise n_ctx)");
     g.target.resize(guide_prompt_.size());
     g.target.insert(g.target.end(), read.begin(), read.end());
     softmax(g.logits(), g.model->n_vocab(), guide_p_.data());
@@ -160,9 +160,9 @@ void Engine::check_prompts(const std::vector<Token>& base_prompt, const std::vec
         const auto& pr = *prompts[r];
         if (pr.empty()) throw ValueError(std::string("the ") + kRoleNames[r] + " prompt is empty");
         model->check_tokens(pr);
-        if (static_cast<int>(pr.size()) >= model->n_ctx())
+        if (static_cast<int>(pr.size()) >= model->n_ctx_seq())
             throw ValueError(std::string("the ") + kRoleNames[r] + " prompt has " + std::to_string(pr.size()) +
-                             " tokens, which leaves no room in its context of " + std::to_string(model->n_ctx()) +
+                             " tokens, which leaves no room in its context of " + std::to_string(model->n_ctx_seq()) +
                              " tokens (shorten the prompt or raise n_ctx)");
     }
 }
@@ -357,12 +357,12 @@ void Engine::plain_step() {
 bool Engine::room(Token next) {
     for (int r = 0; r < kRoles; ++r) {
         if (!used(r) || (r == kGuide && bridged())) continue;
-        if (static_cast<int>(tracks_[r].target.size()) >= tracks_[r].model->n_ctx()) return false;
+        if (static_cast<int>(tracks_[r].target.size()) >= tracks_[r].model->n_ctx_seq()) return false;
     }
     if (!bridged() || !used(kGuide)) return true;
     // a guide that re-reads the text: its tokens of the text with `next`, counted exactly only
     // when the cheap bound comes near its context
-    const size_t limit = static_cast<size_t>(tracks_[kGuide].model->n_ctx()) - guide_prompt_.size();
+    const size_t limit = static_cast<size_t>(tracks_[kGuide].model->n_ctx_seq()) - guide_prompt_.size();
     return retokenizer_->fits(decoder_->text(), facts_->base->text_piece(next), limit);
 }
 
@@ -494,7 +494,7 @@ void Engine::speculate(int k) {
     k = std::min(k, static_cast<int>(p.max_tokens - d.tokens()) - 1);
     for (int r = 0; r < kRoles; ++r)
         if (used(r))
-            k = std::min({k, tracks_[r].model->n_ctx() - 1 - static_cast<int>(tracks_[r].target.size()),
+            k = std::min({k, tracks_[r].model->n_ctx_seq() - 1 - static_cast<int>(tracks_[r].target.size()),
                           tracks_[r].model->n_batch() - 1});
     const bool by_guide = p.drafter == Drafter::Guide;
     std::vector<Token> drafts;

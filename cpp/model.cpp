@@ -4,6 +4,7 @@
 #include <chrono>
 #include <cmath>
 #include <cstdio>
+#include <cstdlib>
 #include <cstring>
 #include <deque>
 #include <filesystem>
@@ -123,11 +124,9 @@ std::vector<std::string> gpu_devices() {
     return out;
 }
 
-bool use_extra_buffer_types(bool amx) {
-    if (amx) return true;
-    for (const std::string& name : cpu_extra_buffer_types())
-        if (name.find("AMX") != std::string::npos) return false;
-    return true;
+void batch_invariant_kernels() {
+    static std::once_flag once;
+    std::call_once(once, [] { setenv("GGML_CPU_TILED_MM", "0", 0); });
 }
 
 // ---- lifetime ----
@@ -139,13 +138,20 @@ Model::Model(const std::string& path, const ModelParams& p,
     if (p.n_seq_max <= 0 || p.n_seq_max > 256) throw ValueError("n_seq_max must be in 1..256, got " + std::to_string(p.n_seq_max));
     if (p.n_threads < 0) throw ValueError("n_threads must be >= 0 (0 = all cores), got " + std::to_string(p.n_threads));
     ggml_type kv = kv_ggml_type(p.kv_type);
+    if (p.n_ctx > 0 && p.n_ctx < p.n_seq_max)
+        throw ValueError("n_ctx = " + std::to_string(p.n_ctx) + " cannot give each of n_seq_max = " +
+                         std::to_string(p.n_seq_max) + " sequences a token of context");
     file_size_ = check_gguf(path).file_size;  // before llama.cpp sees the file: it aborts on some
     install_logging();
+    batch_invariant_kernels();
     take_errors();
 
     llama_model_params mp = llama_model_default_params();
     mp.n_gpu_layers = p.n_gpu_layers;
-    mp.use_extra_bufts = use_extra_buffer_types(p.amx);
+    // The repacked (CPU_REPACK) and AMX weight buffers have one kernel for one row and another for
+    // several: without them a row's result does not depend on the batch it is decoded in. AMX is
+    // an explicit opt-in (faster on Xeons that have it, crashes on some: llama.cpp issue 20824).
+    mp.use_extra_bufts = p.amx;
     std::vector<ggml_backend_dev_t> devices;
     if (!p.rpc.empty()) {
         devices = rpc::devices(p.rpc);  // checked: reachable, same protocol
@@ -171,6 +177,7 @@ Model::Model(const std::string& path, const ModelParams& p,
         n_ctx_ = p.n_ctx > 0 ? p.n_ctx : llama_model_n_ctx_train(model_);
         n_batch_ = std::min(p.n_batch, n_ctx_);
         n_seq_max_ = p.n_seq_max;
+        n_ctx_seq_ = n_ctx_ / n_seq_max_;
         int threads = p.n_threads > 0 ? p.n_threads : std::max(1u, std::thread::hardware_concurrency());
         cp.n_ctx = n_ctx_;
         cp.n_batch = n_batch_;
@@ -180,9 +187,13 @@ Model::Model(const std::string& path, const ModelParams& p,
         cp.n_threads_batch = threads;
         cp.type_k = kv;
         cp.type_v = kv;
-        cp.kv_unified = true;  // sequences share the cells, so a shared prompt is stored once
+        // Each sequence in its own cells, attended to by flash attention one query row at a time:
+        // a sequence's attention then reads only its own cells in the same order whatever else
+        // the batch holds (a unified cache masks other sequences' cells, and their number changes
+        // the reduction). Costs memory: a prompt shared by several sequences is stored in each.
+        cp.kv_unified = false;
+        cp.flash_attn_type = LLAMA_FLASH_ATTN_TYPE_ENABLED;
         cp.no_perf = true;
-        if (kv == GGML_TYPE_Q8_0) cp.flash_attn_type = LLAMA_FLASH_ATTN_TYPE_ENABLED;  // quantized V needs it
         remote("creating the context of '" + path + "'", [&] {
             t_kv_mib = &kv_mib_;
             ctx_ = llama_init_from_model(model_, cp);
@@ -378,9 +389,10 @@ void Model::decode(const std::vector<BatchItem>& items) {
     for (const BatchItem& it : items) {
         if (it.token < 0 || it.token >= n_vocab_) check_tokens({it.token});  // throws, naming the vocabulary
         check_seq(it.seq);
-        if (static_cast<int>(next[it.seq]) >= n_ctx_)
-            throw ValueError("cannot decode at position " + std::to_string(next[it.seq]) + ": the context of " + name() +
-                             " holds " + std::to_string(n_ctx_) + " tokens (raise n_ctx)");
+        if (static_cast<int>(next[it.seq]) >= n_ctx_seq_)
+            throw ValueError("cannot decode at position " + std::to_string(next[it.seq]) + ": a sequence of " + name() +
+                             " holds " + std::to_string(n_ctx_seq_) + " tokens (n_ctx " + std::to_string(n_ctx_) +
+                             " / n_seq_max " + std::to_string(n_seq_max_) + "; raise n_ctx)");
         ++next[it.seq];
     }
     llama_batch& b = *batch_;
@@ -411,8 +423,8 @@ void Model::decode(const std::vector<BatchItem>& items) {
             if (next[s] != length[s]) llama_memory_seq_rm(llama_get_memory(ctx_), s, static_cast<llama_pos>(length[s]), -1);
         std::string why = take_errors();
         if (rc == 1)
-            throw Error("the KV cache of " + name() + " is full: its " + std::to_string(n_ctx_) +
-                        " cells are shared by all sequences (raise n_ctx, or run fewer sequences at once)");
+            throw Error("the KV cache of " + name() + " is full: each sequence has " + std::to_string(n_ctx_seq_) +
+                        " cells (raise n_ctx)");
         throw Error("llama_decode failed with code " + std::to_string(rc) + (why.empty() ? "" : ": " + why));
     }
     for (const BatchItem& it : items) seqs_[it.seq].push_back(it.token);
@@ -421,15 +433,43 @@ void Model::decode(const std::vector<BatchItem>& items) {
 
 void Model::decode_all(const std::vector<BatchItem>& items, const std::function<void(size_t, const float*)>& on_row) {
     Lease::Scope use(lease_, name());
+    // Sequences with one item are decoded together, in the order of their ids (llama.cpp puts
+    // consecutive sequences of a non-unified cache in one micro-batch); a sequence with several
+    // items (a prompt, a catch-up, drafts to verify) is decoded on its own, in chunks of n_batch.
+    // Mixed, llama.cpp would split them into micro-batches of equal rows per sequence, and a
+    // sequence's rows would be computed in shapes that depend on the others.
+    std::vector<size_t> count(n_seq_max_);
+    for (const BatchItem& it : items) {
+        check_seq(it.seq);
+        ++count[it.seq];
+    }
+    std::vector<std::vector<size_t>> calls(1);  // indices into items: the single items' call first
+    std::vector<size_t> run_of(n_seq_max_, SIZE_MAX);
+    for (size_t i = 0; i < items.size(); ++i) {
+        const int s = items[i].seq;
+        if (count[s] == 1) {
+            calls[0].push_back(i);
+            continue;
+        }
+        if (run_of[s] == SIZE_MAX || calls[run_of[s]].size() == static_cast<size_t>(n_batch_)) {
+            run_of[s] = calls.size();
+            calls.emplace_back();
+        }
+        calls[run_of[s]].push_back(i);
+    }
+    std::stable_sort(calls[0].begin(), calls[0].end(), [&](size_t a, size_t b) { return items[a].seq < items[b].seq; });
     std::vector<BatchItem> chunk;
-    for (size_t start = 0; start < items.size(); start += n_batch_) {
-        const size_t end = std::min(items.size(), start + n_batch_);
-        chunk.assign(items.begin() + start, items.begin() + end);
-        decode(chunk);
-        if (!on_row) continue;
-        int r = 0;
-        for (size_t i = start; i < end; ++i)
-            if (items[i].logits) on_row(i, logits(r++));
+    for (const auto& call : calls) {
+        for (size_t start = 0; start < call.size(); start += n_batch_) {
+            const size_t end = std::min(call.size(), start + n_batch_);
+            chunk.clear();
+            for (size_t j = start; j < end; ++j) chunk.push_back(items[call[j]]);
+            decode(chunk);
+            if (!on_row) continue;
+            int r = 0;
+            for (size_t j = start; j < end; ++j)
+                if (items[call[j]].logits) on_row(call[j], logits(r++));
+        }
     }
 }
 
@@ -448,7 +488,7 @@ const float* Model::sync(int seq, const std::vector<Token>& target) {
 void Model::sync_all(const std::vector<SyncRequest>& requests, const std::function<void(size_t, const float*)>& on_row) {
     Lease::Scope use(lease_, name());
     std::vector<BatchItem> items;
-    std::vector<size_t> owner;  // request of each item that asks for logits
+    std::vector<size_t> owner;  // request of each item
     std::vector<char> seen(n_seq_max_);
     for (size_t i = 0; i < requests.size(); ++i) {
         const int seq = requests[i].seq;
@@ -468,11 +508,10 @@ void Model::sync_all(const std::vector<SyncRequest>& requests, const std::functi
         if (have.size() > common) truncate(seq, static_cast<int>(common));
         for (size_t j = common; j < target.size(); ++j) {
             items.push_back({target[j], seq, j + 1 == target.size()});
-            if (items.back().logits) owner.push_back(i);
+            owner.push_back(i);
         }
     }
-    size_t r = 0;
-    decode_all(items, [&](size_t, const float* row) { on_row(owner[r++], row); });
+    decode_all(items, [&](size_t item, const float* row) { on_row(owner[item], row); });
 }
 
 const float* Model::logits(int i) const {
@@ -513,8 +552,12 @@ void Model::copy_seq(int src, int dst, int n) {
         throw ValueError("sequence " + std::to_string(src) + " holds " + std::to_string(seqs_[src].size()) +
                          " tokens, cannot share " + std::to_string(n));
     if (src == dst) return truncate(dst, n);
+    // Sequences live in separate cells: llama.cpp copies a whole sequence's cells (it copies no
+    // part of one), and the copy is cut to n after.
     llama_memory_seq_rm(llama_get_memory(ctx_), dst, -1, -1);
-    llama_memory_seq_cp(llama_get_memory(ctx_), src, dst, 0, n);
+    llama_memory_seq_cp(llama_get_memory(ctx_), src, dst, -1, -1);
+    if (!llama_memory_seq_rm(llama_get_memory(ctx_), dst, n, -1))
+        throw Error("could not truncate the KV cache of sequence " + std::to_string(dst));
     seqs_[dst].assign(seqs_[src].begin(), seqs_[src].begin() + n);
     for (Row& r : rows_)
         if (r.seq == dst) r.current = false;

@@ -35,14 +35,21 @@ struct ModelParams {
     int n_gpu_layers = 0;   // -1: all
     int n_threads = 0;      // 0: all hardware threads
     std::string kv_type = "f16";  // f16, f32 or q8_0 for the K and V caches
-    // Let llama.cpp place weights in its AMX buffer type where the CPU backend offers one. Off by
-    // default: llama.cpp's AMX matmul segfaults on quantized models on some Xeons (llama.cpp issue
-    // 20824), so where AMX is offered the default load uses no extra buffer type at all.
+    // Let llama.cpp place weights in its extra CPU buffer types (AMX where offered, CPU_REPACK).
+    // Off by default: their kernels make a row's result depend on the batch, and llama.cpp's AMX
+    // matmul segfaults on quantized models on some Xeons (llama.cpp issue 20824).
     bool amx = false;
     // "host:port" of ggml RPC servers: the layers go to them (in proportion to their free memory)
     // instead of this process's CPU; n_gpu_layers then counts the layers sent to them (-1: all).
     std::vector<std::string> rpc;
 };
+
+// llama.cpp's CPU matmul for K-quants takes a tiled kernel when a batch has 8 or more rows, with
+// another accumulation order than the one-row kernel: a row's logits would depend on how many
+// other rows share its decode (docs/design.md section 4.3). ggml reads its switch
+// (GGML_CPU_TILED_MM) once, at its first such matmul: this turns it off, unless the user set it,
+// at import and again before a model loads.
+void batch_invariant_kernels();
 
 // The CPU backend's extra weight buffer types in this build on this CPU, in llama.cpp's order of
 // preference (for example "AMX", "CPU_REPACK").
@@ -51,9 +58,6 @@ std::vector<std::string> cpu_extra_buffer_types();
 // 143771 MiB"), in llama.cpp's order; empty for a CPU build or a machine without a usable GPU. (Not
 // llama_supports_gpu_offload, which also says yes for a CPU build that has the RPC backend.)
 std::vector<std::string> gpu_devices();
-// Whether a load may use the extra buffer types: llama.cpp takes all of them or none, so a CPU
-// that offers AMX gets none unless `amx` is asked for (repacking is lost there, AMX is never used).
-bool use_extra_buffer_types(bool amx);
 
 // One row of a batch: the next token of a sequence (its position is the sequence's length, which
 // the Model knows), with or without logits.
@@ -98,7 +102,8 @@ public:
     uint64_t n_params() const;
     uint64_t model_size() const;
     long long file_size() const { return file_size_; }
-    int n_ctx() const { return n_ctx_; }
+    int n_ctx() const { return n_ctx_; }  // KV cells, all sequences together
+    int n_ctx_seq() const { return n_ctx_seq_; }  // the tokens one sequence can hold: n_ctx / n_seq_max
     int n_ctx_train() const;
     int n_batch() const { return n_batch_; }
     int n_seq_max() const { return n_seq_max_; }
@@ -118,8 +123,10 @@ public:
     // the i-th row that asked for logits, until the next decode (truncate and copy_seq leave the
     // rows as they are: each is read by its position in the batch, as llama.cpp numbers it).
     void decode(const std::vector<BatchItem>& batch);
-    // Decode any number of items in chunks of n_batch; on_row(i, row) is called for every item i
-    // that asks for logits, while its row is valid. The last chunk's rows stay readable.
+    // Decode any number of items: the sequences with one item together, each other sequence's
+    // items on their own, in chunks of n_batch (so that a row never depends on the batch it came
+    // in); on_row(i, row) is called for every item i that asks for logits, while its row is
+    // valid. The last chunk's rows stay readable.
     void decode_all(const std::vector<BatchItem>& items,
                     const std::function<void(size_t, const float*)>& on_row = {});
     // Append tokens to a sequence, with logits for the last one only (or none).
@@ -190,7 +197,7 @@ private:
     mutable std::string pieces_;              // text_piece table: all pieces, concatenated ...
     mutable std::vector<uint32_t> piece_end_; // ... and where each ends
     mutable std::once_flag pieces_once_;
-    int n_vocab_ = 0, n_ctx_ = 0, n_batch_ = 0, n_seq_max_ = 1;
+    int n_vocab_ = 0, n_ctx_ = 0, n_ctx_seq_ = 0, n_batch_ = 0, n_seq_max_ = 1;
     long long file_size_ = 0;
     std::atomic<long long> decode_calls_{0}, decoded_tokens_{0};  // read by statistics without the lease
     std::vector<std::pair<int, double>> decode_seconds_;  // measured (k, seconds)

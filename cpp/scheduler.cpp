@@ -26,11 +26,11 @@ Scheduler::Scheduler(Engine& engine, int n_slots, int slot_ctx) : engine_(engine
             throw ValueError(std::to_string(n_slots) + " requests at once need " + std::to_string(n_slots) +
                              " sequences, but " + m->name() + " was loaded with n_seq_max = " +
                              std::to_string(m->n_seq_max()));
-        if (static_cast<long>(n_slots) * slot_ctx > m->n_ctx())
-            throw ValueError(std::to_string(n_slots) + " requests of " + std::to_string(slot_ctx) +
-                             " tokens need " + std::to_string(static_cast<long>(n_slots) * slot_ctx) +
-                             " KV cells, but " + m->name() + " has " + std::to_string(m->n_ctx()) +
-                             " (load it with n_ctx = parallel x context)");
+        if (slot_ctx > m->n_ctx_seq())
+            throw ValueError("requests of " + std::to_string(slot_ctx) + " tokens need as many KV cells per sequence, but " +
+                             m->name() + " has " + std::to_string(m->n_ctx_seq()) + " (n_ctx " +
+                             std::to_string(m->n_ctx()) + " / n_seq_max " + std::to_string(m->n_seq_max()) +
+                             "; load it with n_ctx = n_seq_max x context)");
     }
     slots_.resize(n_slots);
     empty_other_sequences();

@@ -52,10 +52,10 @@ def assert_same(cand, single, blender):
     assert cand.finish_reason == single.finish_reason
 
 
-def test_candidates_that_do_not_fit_together_run_in_groups(paths):
-    """The sequences share the context's cells: 6 candidates of 100 tokens do not fit a 256-token
-    context at once, so they run in groups (here of two), each still its seed's generation."""
-    m = {k: bc.Model(p, n_ctx=256, kv_type="f32", n_threads=1, n_seq_max=8) for k, p in paths.items()}
+def test_more_candidates_than_sequences_run_in_groups(paths):
+    """Each sequence has its own cells (n_ctx // n_seq_max = 128): 6 candidates of 100 tokens on
+    2 sequences run in groups of two, each still its seed's generation."""
+    m = {k: bc.Model(p, n_ctx=256, kv_type="f32", n_threads=1, n_seq_max=2) for k, p in paths.items()}
     b = bc.Blender(m["base"], m["guide"])
     kw = dict(max_tokens=100, temperature=0.8, method="blendin", ignore_eos=True)
     cands = bon.generate_candidates(b, PROMPT, 6, seed=7, **kw)
@@ -212,15 +212,14 @@ def test_reference_cache_belongs_to_one_model_and_one_reward(paths, blender):
 
 
 def test_scoring_more_than_fits_at_once(paths):
-    """Continuations whose tokens do not fit the context together are scored in groups."""
-    m = bc.Model(paths["base"], n_ctx=128, kv_type="f32", n_threads=1, n_seq_max=8)
+    """More continuations than sequences are scored in groups, each as if alone."""
+    m = bc.Model(paths["base"], n_ctx=384, kv_type="f32", n_threads=1, n_seq_max=3)
     prompt = m.tokenize(PROMPT)
-    conts = [[(7 * i + j) % 900 + 5 for j in range(60)] for i in range(8)]  # 8 x 59 cells, and 128 of them
+    conts = [[(7 * i + j) % 900 + 5 for j in range(60)] for i in range(8)]  # 8 continuations, 3 sequences
     together = bc._core.score_continuations(m._handle, prompt, conts, False)
     alone = [bc._core.score_continuations(m._handle, prompt, [c], False)[0] for c in conts]
-    # a batch of many rows per sequence rounds differently from another batch (~5e-4 per token
-    # here); a continuation scored in another's sequence would be off by hundreds
-    assert together == pytest.approx(alone, rel=1e-4)
+    # a continuation scored in another's sequence would be off by hundreds
+    assert together == pytest.approx(alone, rel=1e-6)
     with pytest.raises(ValueError, match="continuation 0 has 130 tokens, which do not fit the context of 128"):
         bc._core.score_continuations(m._handle, prompt, [list(range(5, 135))], False)
 

@@ -1,6 +1,7 @@
-"""Where llama.cpp puts the weights: never in its AMX buffers unless asked (they segfault on
-quantized models on some Xeons), the CPU repack buffers where no AMX is offered, and the same
-choice for blendin_cpp's Model and for the llama-cpp-python references it is compared against."""
+"""Where llama.cpp puts the weights: in its plain CPU buffers unless AMX is asked for (the repack
+and AMX kernels compute one row in another order than several, so answers would depend on the
+batch; AMX segfaults on quantized models on some Xeons), and the same choice for blendin_cpp's
+Model and for the llama-cpp-python references it is compared against."""
 import os
 import subprocess
 import sys
@@ -25,20 +26,13 @@ def q4k():
         pytest.fail(f"could not fetch {Q4K}: {e}", pytrace=False)
 
 
-def expected_extra(offered: list[str]) -> set[str]:
-    """The extra buffer types a default load of a Q4_K model may use on this CPU."""
-    if any("AMX" in name for name in offered):
-        return set()  # llama.cpp takes all extra types or none: none
-    return {name for name in offered if name == "CPU_REPACK"}
-
-
-def test_default_load_never_uses_amx_and_keeps_repacking(q4k):
+def test_default_load_uses_the_plain_buffers_and_amx_turns_the_extra_ones_on(q4k, monkeypatch):
+    monkeypatch.delenv(AMX_ENV, raising=False)
     offered = _core.cpu_extra_buffer_types()
-    used = set(bc.Model(q4k, n_ctx=64).buffer_types)
-    assert not any("AMX" in name for name in used), used
-    assert used - PLAIN == expected_extra(offered), (offered, used)
-    assert use_extra_buffer_types(False) == (not any("AMX" in name for name in offered))
-    assert use_extra_buffer_types(True) is True  # an explicit opt-in is honoured
+    assert set(bc.Model(q4k, n_ctx=64).buffer_types) <= PLAIN
+    assert use_extra_buffer_types() is False and use_extra_buffer_types(True) is True
+    if "CPU_REPACK" in offered and not any("AMX" in name for name in offered):  # safe to try here
+        assert "CPU_REPACK" in bc.Model(q4k, n_ctx=64, amx=True).buffer_types
 
 
 def test_amx_opt_in_reads_the_argument_then_the_environment(monkeypatch):

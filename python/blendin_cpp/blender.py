@@ -344,10 +344,10 @@ class Blender:
         `parallel` at once, each in its own KV sequence of every model, one batched decode per
         model and phase per step; the next prompt starts as soon as one finishes. Each result is
         the one `complete(prompt, **kwargs)` gives alone (tokens, text, statistics; the seed of
-        `kwargs` for each prompt), up to the rounding of batched arithmetic (docs/server.md);
+        `kwargs` for each prompt; bit for bit on quantized models on the CPU, docs/server.md);
         speculative verification is not used (greedy tokens are the same). `parallel` defaults
-        to the models' n_seq_max, and the context is shared: each prompt gets n_ctx // parallel
-        tokens (load the models with n_ctx = parallel x the context one prompt needs).
+        to the models' n_seq_max; each prompt gets a sequence's n_ctx // n_seq_max tokens (load
+        the models with n_ctx = n_seq_max x the context one prompt needs).
         `on_done(index, completion)` is called as each finishes (for progress; it cannot call
         this Blender). The statistics' decode counts are the models' while the prompt ran
         (shared with the prompts batched with it); prefill_s runs from the call to its first token.
@@ -365,7 +365,7 @@ class Blender:
         parallel = _integer("parallel", parallel)
         if not 1 <= parallel <= limit:
             raise ValueError(f"parallel must be in 1..{limit} (the models' n_seq_max), got {parallel}")
-        slot_ctx = min(m.n_ctx for m in self._models()) // parallel
+        slot_ctx = min(m.n_ctx_seq for m in self._models())
         guide_prompt = kwargs.pop("guide_prompt", None)
         params = self.gen_params(**{k: kwargs.pop(k) for k in list(kwargs) if k in _SAMPLING},
                                  settings={**self.defaults, **kwargs})

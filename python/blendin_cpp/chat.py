@@ -126,7 +126,7 @@ class Chat:
         return base, messages if guide is not None and guide.chat_template else None
 
     def n_ctx(self) -> int:
-        return min(m.n_ctx for m in self.models().values())
+        return min(m.n_ctx_seq for m in self.models().values())
 
     def prompt_tokens(self, request: str) -> int:
         """Tokens of the longer of the two prompts for `request`."""

@@ -27,7 +27,8 @@ AMX_ENV = "BLENDIN_CPP_AMX"
 
 
 def amx_requested(amx: bool | None = None) -> bool:
-    """Whether llama.cpp may use its AMX weight buffers: `amx` if given, else BLENDIN_CPP_AMX=1."""
+    """Whether llama.cpp may use its AMX (and repack) weight buffers: `amx` if given, else
+    BLENDIN_CPP_AMX=1."""
     if amx is not None:
         return bool(amx)
     return os.environ.get(AMX_ENV, "").strip().lower() in ("1", "true", "yes", "on")
@@ -35,9 +36,10 @@ def amx_requested(amx: bool | None = None) -> bool:
 
 def use_extra_buffer_types(amx: bool | None = None) -> bool:
     """The `use_extra_bufts` a load gets: llama.cpp takes all extra weight buffer types (AMX,
-    CPU_REPACK, ...) or none, and its AMX matmul segfaults on quantized models on some Xeons, so a
-    CPU that offers AMX loads with none of them unless AMX is asked for."""
-    return _core.use_extra_buffer_types(amx_requested(amx))
+    CPU_REPACK, ...) or none. None by default: their kernels take another accumulation order for
+    one row than for several, so a row's logits would depend on the batch it came in, and the AMX
+    matmul segfaults on quantized models on some Xeons. Asking for AMX turns them all on."""
+    return amx_requested(amx)
 
 
 def gpu_devices() -> list[str]:
@@ -84,20 +86,22 @@ class Model:
 
     Args:
         path: the .gguf file.
-        n_ctx: context length in tokens (default: the model's training context).
+        n_ctx: KV cells in tokens, shared out among the n_seq_max sequences: each holds
+            n_ctx // n_seq_max (`n_ctx_seq`) in its own cells (default: the model's training context).
         n_gpu_layers: layers to offload to the GPU or the RPC servers (-1: all; 0: none, the CPU
             alone; default: all where the llama-cpp-python build has a GPU backend and finds a GPU,
             or with `rpc`; else none). See `default_gpu_layers`.
         n_threads: CPU threads (default: all cores).
         n_batch: most tokens one decode call takes (prompts are split into such chunks).
-        n_seq_max: parallel sequences in the KV cache (for best-of-N).
+        n_seq_max: parallel sequences in the KV cache (batched requests, best-of-N).
         kv_type: "f16" (llama.cpp's default), "f32" (exact comparisons) or "q8_0".
         adapters: LoRA adapters as (path, scale) pairs; scales can change later with
             `set_adapter_scales` without reloading.
         verbose: print llama.cpp's log (process-wide; off by default).
-        amx: let llama.cpp put weights in its AMX buffers where the CPU offers them (default: the
-            BLENDIN_CPP_AMX environment variable, else off; see "AMX on Intel Xeons" in
-            docs/troubleshooting.md). `buffer_types` says where the weights went.
+        amx: let llama.cpp put weights in its extra CPU buffers, AMX where the CPU offers it and
+            CPU_REPACK (default: the BLENDIN_CPP_AMX environment variable, else off; see "AMX on
+            Intel Xeons" in docs/troubleshooting.md). Faster on some CPUs, but a row's logits then
+            depend on the batch it was decoded in. `buffer_types` says where the weights went.
         rpc: "host:port" of llama.cpp RPC servers (`python -m blendin_cpp rpc-server` on each
             machine) that hold the model's layers, split in proportion to their free memory; needs
             llama-cpp-python built with -DGGML_RPC=on (see docs/rpc.md).
@@ -258,7 +262,13 @@ class Model:
     # --- metadata ---------------------------------------------------------------------------
     @property
     def n_ctx(self) -> int:
+        """KV cells, all sequences together."""
         return self._handle.n_ctx
+
+    @property
+    def n_ctx_seq(self) -> int:
+        """The tokens one sequence holds: n_ctx // n_seq_max (each sequence has its own cells)."""
+        return self._handle.n_ctx_seq
 
     @property
     def name(self) -> str:

@@ -154,8 +154,8 @@ def model_paths(args, need_anti: bool = False, log=None) -> dict:
 def load_models(args, need_anti: bool = False, log=None, n_seq_max: int = 1, parallel: int = 1):
     """Load base, guide (and anti) as the arguments say (`model_paths`). With `log` (a stream),
     say what loads and how long it took ("loading base model X ... done (1.2 s)"); a failure's
-    "error: ..." then completes that line. `parallel` requests at once get --ctx tokens each: the
-    models hold parallel x --ctx KV cells, and at least `parallel` sequences."""
+    "error: ..." then completes that line. Every sequence (`parallel` requests at once, or
+    `n_seq_max` best-of-N candidates) gets --ctx tokens in its own cells."""
     from .alignment_vectors import runtime_adapters
     from .model import Model
     paths = model_paths(args, need_anti, log)
@@ -165,7 +165,7 @@ def load_models(args, need_anti: bool = False, log=None, n_seq_max: int = 1, par
     elif demo_base and args.ctx > demo.TRAINED_CTX:
         print(f"warning: --ctx {args.ctx} goes beyond the {demo.TRAINED_CTX} tokens the demo models were trained on: "
               "past that their answers are unreliable", file=log or sys.stderr, flush=True)
-    kw = dict(n_ctx=args.ctx * parallel, n_gpu_layers=args.n_gpu_layers, n_threads=args.threads,
+    kw = dict(n_ctx=args.ctx * max(n_seq_max, parallel), n_gpu_layers=args.n_gpu_layers, n_threads=args.threads,
               verbose=args.verbose, n_seq_max=max(n_seq_max, parallel))
     # Alignment Vectors (--av PATH:SCALE): LoRA adapters on the base, checked against it
     av = {"adapters": runtime_adapters(args.av, paths["base"])} if getattr(args, "av", None) else {}

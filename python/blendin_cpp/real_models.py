@@ -344,9 +344,9 @@ def weight_buffers_line() -> str:
     if not offered:
         return "weight buffers: the plain CPU buffers (this build offers no extra types)"
     if use_extra_buffer_types():
-        return f"weight buffers: {', '.join(offered)} offered and used where they fit"
-    return (f"weight buffers: {', '.join(offered)} offered; none used, since llama.cpp's AMX kernels can crash "
-            f"(set {AMX_ENV}=1 to use them)")
+        return f"weight buffers: {', '.join(offered)} offered and used where they fit ({AMX_ENV}=1)"
+    return (f"weight buffers: {', '.join(offered)} offered; none used, so that answers do not depend on the "
+            f"batch (set {AMX_ENV}=1 to use them)")
 
 
 # ---- the command ----------------------------------------------------------------------------------------

@@ -155,7 +155,7 @@ class Batcher:
 
     def __init__(self, blender: Blender, parallel: int, max_queue: int):
         self.blender, self.parallel, self.max_queue = blender, parallel, max_queue
-        self.slot_ctx = min(m.n_ctx for m in blender._models()) // parallel
+        self.slot_ctx = min(m.n_ctx_seq for m in blender._models())
         self.scheduler = _core.Scheduler(blender._engine, parallel, self.slot_ctx)
         self._cond = threading.Condition()
         # guarded by _cond: what arrived, what is cancelled, and the counts /health reads
