@@ -258,6 +258,7 @@ void bind_model(nb::module_& m) {
              "n_threads"_a, "kv_type"_a, "adapters"_a, "amx"_a, "rpc"_a)
         .def_prop_ro("n_vocab", &Model::n_vocab, "Tokens in the vocabulary.")
         .def_prop_ro("n_ctx", &Model::n_ctx, "KV cells of the context (all sequences together).")
+        .def_prop_ro("kv_type", &Model::kv_type, "The KV cache's type: q8_0, f16 or f32.")
         .def_prop_ro("n_ctx_seq", &Model::n_ctx_seq, "The tokens one sequence can hold (n_ctx / n_seq_max).")
         .def_prop_ro("n_ctx_train", &Model::n_ctx_train, "The context length the model was trained with.")
         .def_prop_ro("n_batch", &Model::n_batch, "Most tokens one decode takes.")

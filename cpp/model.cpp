@@ -72,6 +72,7 @@ std::string take_errors() {
 }
 
 ggml_type kv_ggml_type(const std::string& name) {
+    if (name.empty()) return GGML_TYPE_COUNT;  // chosen per model, once it is loaded
     if (name == "f16") return GGML_TYPE_F16;
     if (name == "f32") return GGML_TYPE_F32;
     if (name == "q8_0") return GGML_TYPE_Q8_0;
@@ -137,7 +138,7 @@ Model::Model(const std::string& path, const ModelParams& p,
     if (p.n_batch <= 0) throw ValueError("n_batch must be positive, got " + std::to_string(p.n_batch));
     if (p.n_seq_max <= 0 || p.n_seq_max > 256) throw ValueError("n_seq_max must be in 1..256, got " + std::to_string(p.n_seq_max));
     if (p.n_threads < 0) throw ValueError("n_threads must be >= 0 (0 = all cores), got " + std::to_string(p.n_threads));
-    ggml_type kv = kv_ggml_type(p.kv_type);
+    ggml_type kv = kv_ggml_type(p.kv_type);  // checked before anything loads
     if (p.n_ctx > 0 && p.n_ctx < p.n_seq_max)
         throw ValueError("n_ctx = " + std::to_string(p.n_ctx) + " cannot give each of n_seq_max = " +
                          std::to_string(p.n_seq_max) + " sequences a token of context");
@@ -173,6 +174,17 @@ Model::Model(const std::string& path, const ModelParams& p,
         vocab_ = llama_model_get_vocab(model_);
         n_vocab_ = llama_vocab_n_tokens(vocab_);
 
+        if (kv == GGML_TYPE_COUNT) {
+            // q8_0 stores blocks of 32 values: it needs heads whose sizes 32 divides
+            const std::string arch = meta("general.architecture");
+            const int n_head = std::max(1, llama_model_n_head(model_));
+            auto head = [&](const char* key) {
+                const std::string v = meta(arch + ".attention." + key);
+                return v.empty() ? llama_model_n_embd(model_) / n_head : std::atoi(v.c_str());
+            };
+            kv = head("key_length") % 32 == 0 && head("value_length") % 32 == 0 ? GGML_TYPE_Q8_0 : GGML_TYPE_F16;
+        }
+        kv_type_ = ggml_type_name(kv);
         llama_context_params cp = llama_context_default_params();
         n_ctx_ = p.n_ctx > 0 ? p.n_ctx : llama_model_n_ctx_train(model_);
         n_batch_ = std::min(p.n_batch, n_ctx_);
@@ -192,7 +204,7 @@ Model::Model(const std::string& path, const ModelParams& p,
         // the batch holds (a unified cache masks other sequences' cells, and their number changes
         // the reduction). Costs memory: a prompt shared by several sequences is stored in each.
         cp.kv_unified = false;
-        cp.flash_attn_type = LLAMA_FLASH_ATTN_TYPE_ENABLED;
+        cp.flash_attn_type = LLAMA_FLASH_ATTN_TYPE_ENABLED;  // quantized V needs it too
         cp.no_perf = true;
         remote("creating the context of '" + path + "'", [&] {
             t_kv_mib = &kv_mib_;

@@ -34,7 +34,12 @@ struct ModelParams {
     int n_seq_max = 1;      // parallel sequences (best-of-N)
     int n_gpu_layers = 0;   // -1: all
     int n_threads = 0;      // 0: all hardware threads
-    std::string kv_type = "f16";  // f16, f32 or q8_0 for the K and V caches
+    // q8_0, f16 or f32 for the K and V caches; "" (the default): q8_0 where 32 divides the
+    // model's head sizes, else f16. llama.cpp's CPU flash attention takes other paths for f16 and
+    // f32 caches (one that splits a lone row's cells among the threads from 512 cells, a tiled one
+    // from 64 rows), which part a sequence's bits alone and in a batch; for q8_0 it has one
+    // (docs/design.md section 4.3). It also halves the memory.
+    std::string kv_type;
     // Let llama.cpp place weights in its extra CPU buffer types (AMX where offered, CPU_REPACK).
     // Off by default: their kernels make a row's result depend on the batch, and llama.cpp's AMX
     // matmul segfaults on quantized models on some Xeons (llama.cpp issue 20824).
@@ -112,6 +117,7 @@ public:
     const std::vector<std::pair<std::string, double>>& buffer_types() const { return buffer_types_; }
     // The KV cache's memory in MiB, all sequences together (as llama.cpp logs its buffers).
     double kv_mib() const { return kv_mib_; }
+    const std::string& kv_type() const { return kv_type_; }  // "q8_0", "f16" or "f32"
 
     // ---- the KV cache: the Model alone records what each sequence holds ----
     // (valid while the caller holds the lease; from another thread, copy it under a Lease::Read)
@@ -179,7 +185,7 @@ private:
     // A llama.cpp call that may reach an RPC server: guarded against the server failing (rpc.h).
     void remote(const std::string& what, const std::function<void()>& fn);
 
-    std::string path_, name_;
+    std::string path_, name_, kv_type_;
     llama_model* model_ = nullptr;
     llama_context* ctx_ = nullptr;
     const llama_vocab* vocab_ = nullptr;

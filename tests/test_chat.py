@@ -200,7 +200,7 @@ def test_piped_session(pair, tmp_path):
 
     doc = json.loads(saved.read_text())
     msgs = doc["messages"]
-    assert [m["role"] for m in msgs] == ["user", "assistant"] * 2
+    assert [m["role"] for m in msgs] == ["user", "assistant"] * 2  # the demo pair: no system prompt
     assert msgs[0]["content"] == "What is the capital \nof Steatair?"
     assert msgs[2]["content"] == "And what colour\nis its flag?"
     assert doc["settings"]["gamma"] == 0.9
@@ -300,6 +300,7 @@ def test_the_demo_banner_says_what_the_models_know():
         assert r.returncode == 0, r.stderr
         assert "made-up world of countries, with their capitals and flag colours" in r.stderr
         assert "Try: " + "  ".join(f'"{q}"' for q in questions) + " (/reset between questions)" in r.stderr
+        assert "system prompt" not in r.stderr  # trained on questions alone: none by default
         assert r.stdout == " " + expected[q] + "\n"
 
 
@@ -312,3 +313,9 @@ def test_another_pair_gets_its_model_names(model_dir, shared_tokenizer):
     names = [bc.Model(p, n_ctx=64).metadata["general.name"] for p in paths]
     assert f"\nbase: {names[0]}\nguide: {names[1]}\n" in r.stderr
     assert "made-up world" not in r.stderr
+    from blendin_cpp.chat import CHAT_SYSTEM
+    assert f"system prompt: {CHAT_SYSTEM!r} (/system changes it)" in r.stderr
+    r = subprocess.run([sys.executable, "-m", "blendin_cpp", "chat", "--base", paths[0], "--guide", paths[1],
+                        "--threads", "1", "--system", ""], input="", capture_output=True, text=True, timeout=60,
+                       env=clean_env())
+    assert r.returncode == 0 and "system prompt" not in r.stderr, r.stderr

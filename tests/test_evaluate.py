@@ -3,12 +3,15 @@ models and on a user's pair."""
 import json
 import subprocess
 import sys
+from pathlib import Path
 
 import pytest
 
 import blendin_cpp as bc
 from blendin_cpp import demo
 from blendin_cpp.evaluate import Cell, failure_kind, load_questions, score
+
+ROOT = Path(__file__).resolve().parents[1]
 
 
 @pytest.mark.parametrize("expected, text, ok", [
@@ -145,3 +148,24 @@ def test_eval_refuses_what_it_cannot_do(args, message):
     r = subprocess.run([sys.executable, "-m", "blendin_cpp", "eval", *args], capture_output=True, text=True,
                        timeout=60)
     assert r.returncode == 2 and message in r.stderr and "Traceback" not in r.stderr
+
+
+def test_eval_gives_the_same_table_one_at_a_time_and_eight_at_once(tmp_path):
+    """On the real pair (batch-invariant: docs/design.md section 4.3) the published numbers do not
+    depend on --parallel: the same rows, quality rows and answers at 1 and at 8 at once."""
+    tables = []
+    for parallel in (1, 8):
+        out = tmp_path / f"eval{parallel}.json"
+        r = subprocess.run([sys.executable, "-m", "blendin_cpp", "eval", "--pair", "real", "--questions",
+                            "models/real/questions.jsonl", "--requests", "models/real/chat_requests.jsonl",
+                            "--limit", "8", "--methods", "base,nudging,blendin", "--max-tokens", "24",
+                            "--quality-max-tokens", "48", "--chat-defaults", "--parallel", str(parallel),
+                            "--threads", "2", "--json", str(out)],
+                           capture_output=True, text=True, timeout=900, cwd=ROOT)
+        assert r.returncode == 0, r.stderr
+        res = json.loads(out.read_text())
+        timing = ("seconds", "tokens_per_s")
+        tables.append(({m: {k: v for k, v in row.items() if k not in timing} for m, row in res["pairs"]["real"].items()},
+                       res["quality"]))
+    assert tables[0] == tables[1]
+    assert tables[0][0]["blendin"]["intervention_rate"] > 0

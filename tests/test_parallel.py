@@ -113,34 +113,66 @@ def test_sampling_stops_logprobs_and_the_naive_loop_batched_equal_alone(demo_mod
     compare(blender, qs[:3], "gamma", max_tokens=16, gamma=0.9, alpha=0.5)
 
 
-def test_the_real_cross_vocabulary_pair_batched_equals_alone():
-    """The real Gemma-3-270M base with the SmolLM2-135M guide (another tokenizer): 5 chats through 3
-    slots, each answer against the same chat alone, with the real models' tolerances (above)."""
+def exact(alone: bc.Completion, batched: bc.Completion, what: str) -> None:
+    """Bit for bit: the same tokens, sources, log-probabilities and top log-probabilities."""
+    def steps(c):
+        return [(s.token, s.source, s.logprob, s.top_logprobs) for s in c.steps]
+    assert steps(alone) == steps(batched), what
+    assert (alone.text, alone.stats["finish_reason"], alone.stats["interventions"]) == \
+           (batched.text, batched.stats["finish_reason"], batched.stats["interventions"]), what
+
+
+REAL_CHATS = ["What is the capital of France?", "Name three primary colours.", "What is 12 times 12?",
+              "Who wrote Hamlet?", "Translate 'good morning' into Spanish.", "Give me two tips for sleeping well.",
+              "What is a prime number?", "Write a haiku about rain."]
+
+
+@pytest.mark.parametrize("pair", ["real", "qwen"])
+def test_the_real_pairs_batched_are_bit_for_bit_alone(pair):
+    """Both real pairs (quantized, on the CPU: batch-invariant, docs/design.md section 4.3): each
+    chat alone, then batched at 1..8 at once, then through the Scheduler with staggered arrivals
+    and a cancellation in between: every answer equals its answer alone to the last bit."""
     from blendin_cpp import real_models
-    pair = real_models.PAIRS["real"]
-    kw = dict(n_ctx=512 * 3, n_seq_max=3, n_threads=2)
-    base = bc.Model(str(real_models.fetch(pair.base)), **kw)
-    guide = bc.Model(str(real_models.fetch(pair.guide)), **kw)
-    prompts = [[{"role": "user", "content": q}] for q in
-               ("What is the capital of France?", "Name three primary colours.", "What is 12 times 12?",
-                "Who wrote Hamlet?", "Translate 'good morning' into Spanish.")]
-    identical = 0
-    for method in ("blendin", "guide", "base"):
+    base_path, guide_path = real_models.pair_paths(pair, log=None)
+    kw = dict(n_ctx=384 * 8, n_seq_max=8, n_threads=2)
+    base, guide = bc.Model(base_path, **kw), bc.Model(guide_path, **kw)
+    chats = [[{"role": "user", "content": q}] for q in REAL_CHATS]
+    tokens = 24 if pair == "real" else 12
+    for method in ("blendin", "nudging"):
         blender = bc.Blender(base, guide, method=method)
-        assert blender._engine.bridged
-        alone = []
-        for p in prompts:  # each from an empty cache, as the batch starts: what the caches held moves the rounding too
-            base.truncate(0)
-            guide.truncate(0)
-            alone.append(blender.complete(p, max_tokens=24, top_logprobs=2))
-        base.truncate(0)
-        guide.truncate(0)
-        batched = blender.complete_many(prompts, max_tokens=24, top_logprobs=2, parallel=3)
-        identical += sum(assert_same(a, b, f"real pair {method}, chat {i}", REAL_TIE, REAL_LOGPROB_TOL)
-                         for i, (a, b) in enumerate(zip(alone, batched)))
+        alone = [blender.complete(c, max_tokens=tokens, top_logprobs=2) for c in chats]
         if method == "blendin":
-            assert any(c.stats["interventions"] for c in batched)
-    assert identical >= 7, f"only {identical} of 15 batched answers were token for token the single ones"
+            assert any(c.stats["interventions"] for c in alone)  # the guide really took part
+        for parallel in ((1, 3, 8) if pair == "real" else (8,)):
+            for i, got in enumerate(blender.complete_many(chats, parallel=parallel, max_tokens=tokens, top_logprobs=2)):
+                exact(alone[i], got, f"{pair} {method}, chat {i}, {parallel} at once")
+    # the Scheduler itself: three slots, requests arriving while others run, one cancelled
+    blender = bc.Blender(base, guide, method="blendin")
+    params = blender.gen_params(max_tokens=tokens, top_logprobs=2)
+    alone = [blender.complete(c, max_tokens=tokens, top_logprobs=2) for c in chats]
+    sched = bc._core.Scheduler(blender._engine, 3, 384)
+    prompts = [blender.prompts(c) for c in chats]
+    steps, finished, ids = {}, {}, {}
+    cancelled = None
+    for tick in range(400):
+        if tick % 3 == 0 and len(ids) < len(chats):  # one more request every third step
+            k = len(ids)
+            ids[sched.add(prompts[k].base, prompts[k].guide, params)] = k
+        if tick == 4:
+            cancelled = next(rid for rid in ids if rid not in finished)
+            sched.cancel(cancelled)
+        for rid, step, stats, error in sched.step():
+            assert error is None and rid != cancelled
+            steps.setdefault(rid, []).append(step)
+            if stats is not None:
+                finished[rid] = stats
+        if len(ids) == len(chats) and sched.idle:
+            break
+    assert set(finished) == set(ids) - {cancelled}
+    for rid, stats in finished.items():
+        got = bc.Completion(text="".join(s.text for s in steps[rid]), tokens=[s.token for s in steps[rid]],
+                            steps=steps[rid], stats=stats)
+        exact(alone[ids[rid]], got, f"{pair} scheduler, chat {ids[rid]}")
 
 
 def test_a_chat_turn_reuses_the_slot_that_holds_its_start(demo_models):

@@ -207,7 +207,9 @@ def test_cross_vocabulary_pair_equals_an_independent_python_loop(real):
     from python_peer import PythonBlendIn, load as peer_load, vocab_map
     pair = real_models.PAIRS["real"]
     kw = dict(n_ctx=N_CTX, n_threads=THREADS)
-    blender = bc.Blender(bc.Model(real[pair.base], **kw), bc.Model(real[pair.guide], **kw), lazy=False)
+    # llama-cpp-python's KV cache type (ours defaults to q8_0)
+    blender = bc.Blender(bc.Model(real[pair.base], kv_type="f16", **kw), bc.Model(real[pair.guide], kv_type="f16", **kw),
+                         lazy=False)
     base, guide = peer_load(real[pair.base], **kw), peer_load(real[pair.guide], **kw)
     bridge = vocab_map(base, guide)
     assert list(bridge) == bc._core.VocabBridge(blender.base._handle, blender.guide._handle).map()

@@ -162,6 +162,9 @@ def chat_fields(server) -> dict:
 
 def trace(server, body: dict) -> tuple[list[tuple[str, str]], dict]:
     """The API's answer to the page's request, alone: [(source, text)] per token and its statistics."""
+    system = httpx.get(f"{server}/v1/parameters", timeout=10).json()["system"]
+    if system and "messages" in body:  # the page sends the chat's system prompt first
+        body = {**body, "messages": [{"role": "system", "content": system}, *body["messages"]]}
     r = api(server, {**chat_fields(server), **body, "trace": True})
     assert r.status_code == 200, r.text
     d = r.json()
@@ -265,6 +268,21 @@ def test_the_page_sends_the_chats_defaults_and_what_is_typed(page, server):
     (body,) = page.js("return window.sent")
     assert body.items() >= {**chat_fields(server), "dry_multiplier": 1.5}.items(), body
     assert "temperature" not in body  # the chat's is the server's: left to it
+    assert body["messages"] == [{"role": "user", "content": QUESTION}]  # the demo pair: no system prompt
+
+
+def test_on_another_pair_the_page_sends_the_chats_system_prompt_first(browser, long_server):
+    from blendin_cpp.chat import CHAT_SYSTEM
+    assert httpx.get(f"{long_server}/v1/parameters", timeout=10).json()["system"] == CHAT_SYSTEM
+    page = open_page(browser, long_server)
+    page.js("window.sent = []; const f = window.fetch; window.fetch = (url, opts) => {"
+            " if (String(url).includes('chat/completions')) window.sent.push(JSON.parse(opts.body));"
+            " return f(url, opts); }")
+    page.set_param("max_tokens", "4")
+    page.ask(LONG)
+    page.wait_answers(1)
+    (body,) = page.js("return window.sent")
+    assert body["messages"] == [{"role": "system", "content": CHAT_SYSTEM}, {"role": "user", "content": LONG}]
 
 
 def test_the_page_is_served_from_the_package_alone(server):

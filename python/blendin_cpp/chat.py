@@ -36,6 +36,9 @@ SAMPLING = ("temperature", "top_p", "top_k", "min_p", "seed", "max_tokens", "ign
 
 # The chat's (and the server's) defaults, chosen by measurement (docs/design.md section 3.6): where
 # they differ from the core's, greedy decoding of small models looped on ordinary requests.
+# The chat's system prompt on a real pair (not the demo pair, trained on questions alone): asked to
+# keep answers short, both models end far more of their answers (docs/design.md section 9).
+CHAT_SYSTEM = "Keep your answers short."
 CHAT_DEFAULTS = {"max_tokens": 256, "temperature": 0.0, "top_k": 0, "top_p": 1.0, "min_p": 0.0,
                  "guide_ends": True, "frequency_penalty": 0.3, "dry_multiplier": 0.8, "loop_gate": 4}
 
@@ -431,15 +434,23 @@ class Terminal:
         return "\n".join(lines)
 
 
+def is_demo_pair(blender: Blender) -> bool:
+    paths = [m.path for m in (blender.base, blender.guide) if m is not None]
+    try:
+        return [os.path.realpath(p) for p in paths] == [os.path.realpath(demo.demo_path(r)) for r in ("base", "guide")]
+    except FileNotFoundError:  # no demo models installed
+        return False
+
+
+def default_system(blender: Blender) -> str | None:
+    """The chat's system prompt for a pair: none for the demo pair (trained on questions alone)."""
+    return None if is_demo_pair(blender) else CHAT_SYSTEM
+
+
 def banner(blender: Blender) -> list[str]:
     """A few lines on what the models are: for the bundled demo pair, what it knows and questions
     to try (it knows nothing else: a greeting gets a made-up sum); otherwise the models' names."""
-    paths = [m.path for m in (blender.base, blender.guide) if m is not None]
-    try:
-        is_demo = [os.path.realpath(p) for p in paths] == [os.path.realpath(demo.demo_path(r)) for r in ("base", "guide")]
-    except FileNotFoundError:  # no demo models installed
-        is_demo = False
-    if is_demo:
+    if is_demo_pair(blender):
         tries = "  ".join(f'"{q}"' for q in demo.EXAMPLE_QUESTIONS)
         return ["The demo pair: tiny models trained on a made-up world of countries, with their capitals and flag "
                 "colours, and on sums of two-digit numbers, one question at a time. They know nothing else (\"Hello!\" "
@@ -458,7 +469,10 @@ def cmd_chat(args) -> int:
     blender = blender_from_args(args, log=sys.stderr)
     for line in banner(blender):
         print(line, file=sys.stderr)
-    chat = Chat(blender, sampling_kwargs(args), system=args.system)
+    system = default_system(blender) if args.system is None else args.system or None
+    if system:
+        print(f"system prompt: {system!r} (/system changes it)", file=sys.stderr)
+    chat = Chat(blender, sampling_kwargs(args), system=system)
     color = not args.no_color and sys.stdout.isatty() and not os.environ.get("NO_COLOR")
     return Terminal(chat, color=color, interactive=sys.stdin.isatty()).run()
 
@@ -467,7 +481,7 @@ def add_parser(subparsers) -> None:
     p = subparsers.add_parser("chat", help="talk to a base + guide pair in the terminal (default: the demo pair)")
     add_model_args(p)
     add_blend_args(p, CHAT_DEFAULTS)
-    p.add_argument("--system", help="the system prompt")
+    p.add_argument("--system", help=f"the system prompt ('' for none; default: {CHAT_SYSTEM!r}, none on the demo pair)")
     p.add_argument("--no-color", action="store_true", help="do not colour tokens by source (also: NO_COLOR, "
                    "or output that is not a terminal)")
     p.set_defaults(func=cmd_chat)

@@ -177,11 +177,16 @@ def load_requests(path: str, limit: int | None) -> list[str]:
     return out[:limit] if limit else out
 
 
+def _messages(text: str, system: str | None) -> list[dict]:
+    return ([{"role": "system", "content": system}] if system else []) + [{"role": "user", "content": text}]
+
+
 def evaluate_quality(blender: Blender, methods: list[str], requests: list[str], *, max_tokens: int = 256,
                      sampling: dict | None = None, progress=None, label: str = "",
-                     parallel: int | None = None) -> dict:
-    """{method: quality row} for open chat requests, each asked as one user message, ending at an
-    end token or where the base starts the transcript's next question (as in the chat)."""
+                     parallel: int | None = None, system: str | None = None) -> dict:
+    """{method: quality row} for open chat requests, each asked as one user message (after the
+    `system` message, if any), ending at an end token or where the base starts the transcript's
+    next question (as in the chat)."""
     rows = {}
     for method in methods:
         if skip_reason(blender, method):
@@ -193,7 +198,7 @@ def evaluate_quality(blender: Blender, methods: list[str], requests: list[str], 
             done.append(i)
             if progress:
                 progress(label + " quality", method, len(done), len(requests))
-        answers = blender.complete_many([[{"role": "user", "content": r}] for r in requests], parallel=parallel,
+        answers = blender.complete_many([_messages(r, system) for r in requests], parallel=parallel,
                                         on_done=finished, max_tokens=max_tokens, method=method,
                                         stop=[NEXT_QUESTION], **(sampling or {}))
         for r, a in zip(requests, answers):
@@ -256,7 +261,8 @@ def skip_reason(blender: Blender, method: str) -> str | None:
 
 def evaluate_pair(blender: Blender, methods: list[str], questions: list[dict], *, max_tokens: int = 48,
                   progress=None, label: str = "", base_cell: Cell | None = None,
-                  parallel: int | None = None, sampling: dict | None = None) -> tuple[dict, dict, Cell | None]:
+                  parallel: int | None = None, sampling: dict | None = None,
+                  system: str | None = None) -> tuple[dict, dict, Cell | None]:
     """Greedy answers for every method on one pair: ({method: row}, {method: why skipped}, the
     base-alone cell, which does not depend on the guide and can be handed to the next pair). The
     questions of a method are decoded together, `parallel` at a time (`Blender.complete_many`:
@@ -279,7 +285,7 @@ def evaluate_pair(blender: Blender, methods: list[str], questions: list[dict], *
                 progress(label, method, len(done), len(questions))
         t0 = time.perf_counter()
         # the answer ends where the base starts the transcript's next question, as in the chat
-        answers = blender.complete_many([[{"role": "user", "content": q["question"]}] for q in questions],
+        answers = blender.complete_many([_messages(q["question"], system) for q in questions],
                                         parallel=parallel, on_done=finished, max_tokens=max_tokens, method=method,
                                         stop=[NEXT_QUESTION], **(sampling or {}))
         cell.seconds = time.perf_counter() - t0
@@ -347,10 +353,13 @@ def cmd_eval(args) -> int:
         raise ValueError("--requests is for a real pair (--pair or --base/--guide): the demo models know only "
                          "their made-up world")
     if args.chat_defaults:
-        from .chat import CHAT_DEFAULTS
+        from .chat import CHAT_DEFAULTS, CHAT_SYSTEM
         sampling = {k: v for k, v in CHAT_DEFAULTS.items() if k != "max_tokens"}
     else:
         sampling = {}
+    system = args.system if args.system is not None else CHAT_SYSTEM if args.chat_defaults and not demo_models else None
+    if demo_models and system:
+        raise ValueError("--system is for a real pair: the demo models were trained on questions alone")
     sampling.update(repetition_kwargs(args))
     if args.parallel < 1:
         raise ValueError(f"--parallel must be >= 1, got {args.parallel}")
@@ -375,18 +384,20 @@ def cmd_eval(args) -> int:
         blender = Blender(models["base"], models["guide"], anti=models["anti"], gamma=args.gamma)
         label = args.pair or "+".join(Path(m.path).stem for m in (models["base"], models["guide"]))
         rows, skipped, _ = evaluate_pair(blender, methods, questions, max_tokens=args.max_tokens, progress=progress,
-                                         label=label, parallel=args.parallel, sampling=sampling)
+                                         label=label, parallel=args.parallel, sampling=sampling, system=system)
         results = {"pairs": {label: rows}, "skipped": {f"{label}/{m}": why for m, why in skipped.items()},
                    "models": {label: {r: m.path for r, m in models.items() if m is not None}}}
         if requests:
             results["quality"] = {label: evaluate_quality(blender, methods, requests,
                                                           max_tokens=args.quality_max_tokens, sampling=sampling,
-                                                          progress=progress, label=label, parallel=args.parallel)}
+                                                          progress=progress, label=label, parallel=args.parallel,
+                                                          system=system)}
     results["questions"] = len(questions)
     results["match"] = sorted({q["match"] for q in questions})
     results["gamma"] = args.gamma
     results["max_tokens"] = args.max_tokens
     results["sampling"] = sampling
+    results["system"] = system
     results["seconds"] = time.perf_counter() - t0
     print(format_table(results))
     if "quality" in results:
@@ -419,8 +430,11 @@ def add_parser(sub) -> None:
                         "models/real/chat_requests.jsonl): adds the quality table (ended, looped, length)")
     p.add_argument("--quality-max-tokens", type=int, default=256, help="the answers' budget in the quality table")
     p.add_argument("--chat-defaults", action="store_true",
-                   help="sample with the chat's defaults (temperature, filters, repetition controls; seeded) "
-                        "instead of greedy decoding without repetition controls")
+                   help="ask as the chat does: its sampling and repetition defaults (seeded) instead of greedy "
+                        "decoding without repetition controls, and its system prompt (on a real pair)")
+    p.add_argument("--system", default=None,
+                   help="a system message before every question and request ('' for none; default: none, or the "
+                        "chat's with --chat-defaults)")
     add_repetition_args(p, {name: None for name in ("presence_penalty", "frequency_penalty", "repeat_penalty",
                                                     "repeat_last_n", "dry_multiplier", "dry_base",
                                                     "dry_allowed_length", "loop_gate")})

@@ -94,7 +94,10 @@ class Model:
         n_threads: CPU threads (default: all cores).
         n_batch: most tokens one decode call takes (prompts are split into such chunks).
         n_seq_max: parallel sequences in the KV cache (batched requests, best-of-N).
-        kv_type: "f16" (llama.cpp's default), "f32" (exact comparisons) or "q8_0".
+        kv_type: the KV cache's type: "q8_0" (a sequence's logits are the same bits alone and in a
+            batch, at any length), "f16" (llama.cpp's default: the same only while a sequence
+            holds fewer than 256 tokens) or "f32" (exact comparisons with other programs); default
+            (None): q8_0 where 32 divides the model's head sizes, else f16 (`kv_type` says which).
         adapters: LoRA adapters as (path, scale) pairs; scales can change later with
             `set_adapter_scales` without reloading.
         verbose: print llama.cpp's log (process-wide; off by default).
@@ -109,7 +112,7 @@ class Model:
 
     def __init__(self, path: str | os.PathLike, *, n_ctx: int | None = None, n_gpu_layers: int | None = None,
                  n_threads: int | None = None, n_batch: int = 512, n_seq_max: int = 1,
-                 kv_type: str = "f16", adapters: Iterable[tuple[str | os.PathLike, float]] = (),
+                 kv_type: str | None = None, adapters: Iterable[tuple[str | os.PathLike, float]] = (),
                  verbose: bool = False, amx: bool | None = None, rpc: str | Iterable[str] | None = None):
         if not isinstance(path, (str, os.PathLike)):
             raise TypeError(f"path must be a str or os.PathLike, got {type(path).__name__}")
@@ -136,7 +139,7 @@ class Model:
         self.path = str(Path(path))
         self.adapter_names = [Path(a).stem for a, _ in adapter_list]  # one knob per adapter, by file stem
         self._handle = _core.Model(self.path, n_ctx or 0, n_batch, n_seq_max, n_gpu_layers,
-                                   n_threads or 0, kv_type, adapter_list, amx_requested(amx), rpc_servers)
+                                   n_threads or 0, kv_type or "", adapter_list, amx_requested(amx), rpc_servers)
 
     def __repr__(self) -> str:
         return f"Model({self.path!r}, n_vocab={self.n_vocab}, n_ctx={self.n_ctx})"
@@ -264,6 +267,11 @@ class Model:
     def n_ctx(self) -> int:
         """KV cells, all sequences together."""
         return self._handle.n_ctx
+
+    @property
+    def kv_type(self) -> str:
+        """The KV cache's type: "q8_0", "f16" or "f32"."""
+        return self._handle.kv_type
 
     @property
     def n_ctx_seq(self) -> int:

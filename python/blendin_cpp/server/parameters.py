@@ -18,7 +18,7 @@ import typing
 
 from .._core import GenParams
 from ..blender import METHODS, RANGES, REPETITION
-from ..chat import CHAT_DEFAULTS
+from ..chat import CHAT_DEFAULTS, default_system
 from .schemas import ChatRequest
 
 # top_logprobs is in both tables, but it is OpenAI's log-probability output, not a knob of the
@@ -46,7 +46,9 @@ def _core_default(name: str):
 
 def parameter_table(server) -> dict:
     """{"parameters": [{name, type, default, chat_default, min, max, min_exclusive, max_exclusive,
-    range, choices}...], "av_scales": {name: start-up scale}} for this server's models."""
+    range, choices}...], "av_scales": {name: start-up scale}, "system": the terminal chat's system
+    prompt for this pair (null for the demo pair), which the chat page sends first} for this
+    server's models."""
     blender = server.blender
     defaults = {**server.defaults, **{"lambda" if k == "lambda_" else k: v for k, v in blender.defaults.items()}}
     runnable = [m for m in METHODS if (m == "base" or blender.guide is not None)
@@ -72,4 +74,4 @@ def parameter_table(server) -> dict:
                      min_exclusive=lo_open, max_exclusive=hi_open, range=text)
         out.append(p)
     av = dict(zip(blender.base.adapter_names, server.av_defaults))
-    return {"parameters": out, "av_scales": av}
+    return {"parameters": out, "av_scales": av, "system": default_system(blender)}

@@ -108,11 +108,13 @@ function turnElement(turn) {
   return el;
 }
 
-// The messages the server reads: each question, and each earlier answer the conversation went on from.
+// The messages the server reads: the terminal chat's system prompt (none on the demo pair), each
+// question, and each earlier answer the conversation went on from.
 function messages(turns) {
-  return turns.map((t) => (t.role === "user" ? { role: "user", content: t.content }
+  const system = table && table.system ? [{ role: "system", content: table.system }] : [];
+  return system.concat(turns.map((t) => (t.role === "user" ? { role: "user", content: t.content }
     : { role: "assistant", content: answerText(t.answers[t.answers.length - 1]) }))
-    .filter((m) => m.content);
+    .filter((m) => m.content));
 }
 
 async function runAnswer(el, history, fields) {
