@@ -91,8 +91,10 @@ def cmd_serve(args) -> int:
                     max_tokens_limit=args.max_tokens_limit, max_queue=args.max_queue, parallel=args.parallel,
                     allowed_hosts=hosts, allowed_origins=origins)
     kv = sum(m.kv_mib for m in blender._models())
+    n = blender.base.n_seq_max  # every sequence has its own cells: the slots, and more for --n-seq
     print(f"{args.parallel} requests at once, {server.n_ctx} tokens of context each; KV cache {kv:.1f} MiB "
-          f"({kv / args.parallel:.1f} MiB per slot)", file=sys.stderr, flush=True)
+          f"({kv / n:.1f} MiB per slot" + (f"; {n} sequences, for --n-seq" if n > args.parallel else "") + ")",
+          file=sys.stderr, flush=True)
     if not args.no_webui:
         host = f"[{args.host}]" if ":" in args.host else args.host
         print(f"chat page: http://{host}:{args.port}/", file=sys.stderr, flush=True)
