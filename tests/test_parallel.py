@@ -175,6 +175,27 @@ def test_the_real_pairs_batched_are_bit_for_bit_alone(pair):
         exact(alone[ids[rid]], got, f"{pair} scheduler, chat {ids[rid]}")
 
 
+def test_a_next_turn_that_reuses_the_cache_is_the_same_bits_as_read_whole():
+    """The real pair: a chat's second turn reads only its new tokens after the first turn's (the
+    cache reused), and gives what the same conversation read whole from an empty cache gives."""
+    from blendin_cpp import real_models
+    base_path, guide_path = real_models.pair_paths("real", log=None)
+    base, guide = (bc.Model(p, n_ctx=1024, n_threads=2) for p in (base_path, guide_path))
+    blender = bc.Blender(base, guide, method="blendin")
+    for first, then in (("What is a prime number?", "Give me an example."),
+                        ("Name three primary colours.", "Which one is warmest?")):
+        turn = [{"role": "user", "content": first}]
+        answer = blender.complete(turn, max_tokens=32)
+        chat = turn + [{"role": "assistant", "content": answer.text.strip()}, {"role": "user", "content": then}]
+        reused = blender.complete(chat, max_tokens=32, top_logprobs=2)
+        assert reused.stats["reused_tokens"]["base"] > 0 and reused.stats["reused_tokens"]["guide"] > 0
+        base.truncate(0)
+        guide.truncate(0)
+        whole = blender.complete(chat, max_tokens=32, top_logprobs=2)
+        assert whole.stats["reused_tokens"] == {"base": 0, "guide": 0, "anti": 0}
+        exact(whole, reused, f"next turn after {first!r}")
+
+
 def test_a_chat_turn_reuses_the_slot_that_holds_its_start(demo_models):
     m = demo_models
     blender = bc.Blender(m["base"], m["guide"])

@@ -193,7 +193,15 @@ def test_trace_streams_each_tokens_source(server):
     assert all(set(s) >= {"token", "source", "alpha", "pb_max", "pg_max", "intervened", "capped"} for s in steps)
     assert any(s["source"] == "blend" for s in steps) and any(s["source"] == "base" for s in steps)
     whole = client.chat.completions.create(**body, extra_body={"trace": True, "gamma": 0.6})
-    assert whole.model_extra["steps"] == steps
+    # the same steps; this second request reads the prompt's last token alone after the first's
+    # cache, and the demo pair's f32/f16 weights round a one-row decode a little differently
+    # (docs/server.md, "Batching and rounding"): the numbers agree to rounding
+    key = ("token", "text", "source", "intervened", "capped", "looped", "finish_reason")
+    assert [[s[k] for k in key] for s in whole.model_extra["steps"]] == [[s[k] for k in key] for s in steps]
+    for a, b in zip(whole.model_extra["steps"], steps):
+        for k in ("pb_max", "pg_max", "alpha", "logprob"):
+            assert (a[k] is None) == (b[k] is None), k
+            assert a[k] is None or a[k] == pytest.approx(b[k], rel=1e-3, abs=1e-5), k
     # as `generate --trace`: with the vocabulary-sized diagnostics where the guide was consulted
     assert all((s["overlap"] is None) == (s["pg_max"] is None) for s in steps)
     plain = client.chat.completions.create(**body, stream=True)

@@ -93,7 +93,7 @@ def cmd_serve(args) -> int:
     kv = sum(m.kv_mib for m in blender._models())
     n = blender.base.n_seq_max  # every sequence has its own cells: the slots, and more for --n-seq
     print(f"{args.parallel} requests at once, {server.n_ctx} tokens of context each; KV cache {kv:.1f} MiB "
-          f"({kv / n:.1f} MiB per slot" + (f"; {n} sequences, for --n-seq" if n > args.parallel else "") + ")",
+          f"({kv / n:.1f} MiB per slot)" + (f", {n} slots' worth for --n-seq {n}" if n > args.parallel else ""),
           file=sys.stderr, flush=True)
     if not args.no_webui:
         host = f"[{args.host}]" if ":" in args.host else args.host
