@@ -266,14 +266,20 @@ def test_the_page_starts_from_the_chats_defaults_unless_serve_set_its_own(server
     assert table["loop_gate"]["default"] == table["loop_gate"]["chat_default"] == 6
 
 
-def test_the_page_sends_the_chats_defaults_and_what_is_typed(page, server):
+def sent_body(page: Page, question: str) -> dict:
+    """The body of the chat request the page sends for `question` (its fetch, recorded)."""
     page.js("window.sent = []; const f = window.fetch; window.fetch = (url, opts) => {"
             " if (String(url).includes('chat/completions')) window.sent.push(JSON.parse(opts.body));"
             " return f(url, opts); }")
-    page.set_param("dry_multiplier", "1.5")
-    page.ask(QUESTION)
+    page.ask(question)
     page.wait_answers(1)
     (body,) = page.js("return window.sent")
+    return body
+
+
+def test_the_page_sends_the_chats_defaults_and_what_is_typed(page, server):
+    page.set_param("dry_multiplier", "1.5")
+    body = sent_body(page, QUESTION)
     assert body.items() >= {**chat_fields(server), "dry_multiplier": 1.5}.items(), body
     assert "temperature" not in body  # the chat's is the server's: left to it
     assert body["messages"] == [{"role": "user", "content": QUESTION}]  # the demo pair: no system prompt
@@ -283,13 +289,8 @@ def test_on_another_pair_the_page_sends_the_chats_system_prompt_first(browser, l
     from blendin_cpp.chat import CHAT_SYSTEM
     assert httpx.get(f"{long_server}/v1/parameters", timeout=10).json()["system"] == CHAT_SYSTEM
     page = open_page(browser, long_server)
-    page.js("window.sent = []; const f = window.fetch; window.fetch = (url, opts) => {"
-            " if (String(url).includes('chat/completions')) window.sent.push(JSON.parse(opts.body));"
-            " return f(url, opts); }")
     page.set_param("max_tokens", "4")
-    page.ask(LONG)
-    page.wait_answers(1)
-    (body,) = page.js("return window.sent")
+    body = sent_body(page, LONG)
     assert body["messages"] == [{"role": "system", "content": CHAT_SYSTEM}, {"role": "user", "content": LONG}]
 
 
