@@ -265,6 +265,20 @@ def test_second_turn_decodes_only_the_new_tokens(chat):
         assert st2["reused_tokens"]["base"] == len(tokens1[0]) + len(first) - 1
 
 
+def test_the_system_prompt_is_the_guides_alone(chat):
+    chat.system = "Keep it short."
+    base_text, guide_messages = chat.prompt_texts("What is 38 + 41?")
+    assert base_text == "Question: What is 38 + 41?\nAnswer:"  # the base's transcript has no system paragraph
+    assert guide_messages[0] == {"role": "system", "content": "Keep it short."}
+    assert "Keep it short." in chat.blender.guide.render_chat(guide_messages)
+    # the same rule for every caller, and for clients that render the base's prompt from its template
+    chat_messages = guide_messages[:1] + [{"role": "user", "content": "Hi"}, {"role": "assistant", "content": "Hello"},
+                                          {"role": "user", "content": "X?"}]
+    assert bc.base_transcript(chat_messages) == "Question: Hi\nAnswer: Hello\nQuestion: X?\nAnswer:"
+    from blendin_cpp.chat_template import BASE_TRANSCRIPT_TEMPLATE, render
+    assert render(BASE_TRANSCRIPT_TEMPLATE, chat_messages) == bc.base_transcript(chat_messages)
+
+
 def test_interrupted_answer_stays_marked(chat):
     stream = chat.ask("Tell me a story.")
     partial = [next(stream) for _ in range(3)]

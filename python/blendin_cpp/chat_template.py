@@ -136,18 +136,18 @@ def render(template: str, messages: Sequence[dict], *, add_generation_prompt: bo
 
 
 def base_transcript(messages: Sequence[dict]) -> str:
-    """The plain completion prompt a pretrained base reads for a conversation: a system message
-    as a leading paragraph, then "Question: ...\\nAnswer: ..." lines, ending with "Answer:"."""
+    """The plain completion prompt a pretrained base reads for a conversation: "Question:
+    ...\\nAnswer: ..." lines, ending with "Answer:". System messages are the guide's alone: a
+    pretrained base does not follow instructions, and one told to answer briefly answered fewer
+    questions (docs/design.md section 9.1)."""
     messages = check_messages(messages)
     if messages[-1]["role"] != "user":
         raise ValueError("the last message must come from the user")
     parts = []
     for m in messages:
-        if m["role"] == "system":
-            parts.append(m["content"].strip() + "\n\n")
-        elif m["role"] == "user":
+        if m["role"] == "user":
             parts.append(f"Question: {m['content'].strip()}\nAnswer:")
-        else:
+        elif m["role"] == "assistant":
             parts.append(f" {m['content'].strip()}\n")
     return "".join(parts)
 
@@ -156,8 +156,7 @@ def base_transcript(messages: Sequence[dict]) -> str:
 # /tokenizer_info): rendered with add_generation_prompt it gives base_transcript's text.
 BASE_TRANSCRIPT_TEMPLATE = (
     "{% for m in messages %}"
-    "{% if m['role'] == 'system' %}{{ m['content'] | trim }}{{ '\\n\\n' }}"
-    "{% elif m['role'] == 'user' %}{{ 'Question: ' + m['content'] | trim + '\\nAnswer:' }}"
-    "{% else %}{{ ' ' + m['content'] | trim + '\\n' }}{% endif %}"
+    "{% if m['role'] == 'user' %}{{ 'Question: ' + m['content'] | trim + '\\nAnswer:' }}"
+    "{% elif m['role'] == 'assistant' %}{{ ' ' + m['content'] | trim + '\\n' }}{% endif %}"
     "{% endfor %}"
 )

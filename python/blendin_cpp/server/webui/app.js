@@ -108,7 +108,8 @@ function turnElement(turn) {
   return el;
 }
 
-// The messages the server reads: the terminal chat's system prompt (none on the demo pair), each
+// The messages the server reads: the terminal chat's system prompt (none on the demo pair; the
+// guide reads it, the base's transcript leaves it out), each
 // question, and each earlier answer the conversation went on from.
 function messages(turns) {
   const system = table && table.system ? [{ role: "system", content: table.system }] : [];
