@@ -11,7 +11,7 @@ Settings (each in its own process: ggml reads GGML_CPU_TILED_MM once per process
   attention, plain weight buffers, llama.cpp's tiled K-quant matmul off);
 - `f16_kv`: the KV cache in f16 (llama.cpp's default type): flash attention splits a lone row's
   cells among the threads from 512 cells, and tiles prompts from 64 rows;
-- `repack`: llama.cpp's extra weight buffers (CPU_REPACK; `amx=True`): one kernel for one row,
+- `repack`: llama.cpp's extra weight buffers (CPU_REPACK; `deterministic=False`): one kernel for one row,
   another for several;
 - `tiled_mm`: llama.cpp's tiled K-quant matmul on (GGML_CPU_TILED_MM=1): from 8 rows in a batch.
 
@@ -33,7 +33,7 @@ ROOT = Path(__file__).resolve().parents[1]
 SETTINGS = {  # name: (model keyword arguments, environment)
     "default": ({}, {}),
     "f16_kv": ({"kv_type": "f16"}, {}),
-    "repack": ({"amx": True}, {}),
+    "repack": ({"deterministic": False}, {}),
     "tiled_mm": ({}, {"GGML_CPU_TILED_MM": "1"}),
 }
 LONG_CHATS = ["Write a long story about a dragon who learns to read.", "Explain in detail how a bicycle works."]

@@ -5,7 +5,9 @@ clients that send the same fixed set of chat requests between them (--requests o
 --max-tokens each with ignore_eos, so every answer has the same length and the work is the same at
 every N). The table gives the aggregate tokens/s and its ratio to N = 1 (the same requests sent one
 at a time), each request's latency (p50/p95), whether every answer equals its answer at N = 1,
-and the KV cache the server reports. Then the fairness row: with --parallel 4, three long
+and the KV cache the server reports. `--deterministic both` runs every N on a server without
+--deterministic (serve's default) and on one with it, one after the other, and gives their ratio.
+Then the fairness row: with --parallel 4, three long
 requests (--long-tokens) run and short ones (16 tokens) are sent, all at once, behind them;
 their latency against the same short requests on a --parallel 1 server (where they wait for the
 long ones) and on an idle server.
@@ -13,6 +15,7 @@ long ones) and on an idle server.
     python bench/parallel.py --pair real
     python bench/parallel.py --pair qwen --requests 16 --json qwen_parallel.json
     python bench/parallel.py --base B.gguf --guide G.gguf       # any pair (the GPU kit's stand-ins)
+    python bench/parallel.py --pair qwen --clients 1,4,8 --deterministic both --no-fairness
 
 Only 127.0.0.1 is contacted; every loop is bounded in count and time.
 """
@@ -54,12 +57,13 @@ def percentile(xs: list[float], q: float) -> float:
 class Server:
     """`serve --pair PAIR --parallel N` on a free loopback port, for a `with` block."""
 
-    def __init__(self, parallel: int, args):
+    def __init__(self, parallel: int, args, deterministic: bool = False):
         self.port = free_port()
         self.log = Path(tempfile.mkdtemp(prefix="bench_parallel_")) / "server.log"
         self.proc = start_server([*model_args(args), "--threads", str(args.threads), "--method", args.method],
                                  port=self.port, log_path=str(self.log), wait_s=600,
-                                 extra=["--parallel", str(parallel), "--ctx", str(args.ctx)])
+                                 extra=["--parallel", str(parallel), "--ctx", str(args.ctx),
+                                        "--deterministic" if deterministic else "--no-deterministic"])
         self.url = f"http://127.0.0.1:{self.port}"
         line = next((x for x in self.log.read_text().splitlines() if "requests at once" in x), "")
         m = re.search(r"KV cache ([\d.]+) MiB \(([\d.]+) MiB per slot\)", line)
@@ -146,13 +150,13 @@ def model_paths(args) -> list[str]:
     return [str(real_models.fetch(name)) for name in (p.base, p.guide)]
 
 
-def batch_costs(args) -> dict[str, list[float]]:
+def batch_costs(args, deterministic: bool) -> dict[str, list[float]]:
     """What batching can gain at most: each model's decode of k rows (one token for each of k
     sequences) against one row, measured here (`Model.decode_seconds`)."""
     import blendin_cpp as bc
     out = {}
     for path in model_paths(args):
-        m = bc.Model(path, n_ctx=512, n_threads=args.threads)
+        m = bc.Model(path, n_ctx=512, n_threads=args.threads, deterministic=deterministic)
         one = m._handle.decode_seconds(1)
         out[Path(path).stem] = [m._handle.decode_seconds(k) / one for k in (2, 4, 8)]
         del m
@@ -172,37 +176,56 @@ def main() -> int:
     ap.add_argument("--threads", type=int, default=2)
     ap.add_argument("--shorts", type=int, default=5, help="short requests in the fairness row")
     ap.add_argument("--long-tokens", type=int, default=192)
+    ap.add_argument("--deterministic", choices=("off", "on", "both"), default="off",
+                    help="the servers' --deterministic (default off, as serve's); both: each N with and without")
+    ap.add_argument("--fairness", action=argparse.BooleanOptionalAction, default=True,
+                    help="also measure the fairness row")
     ap.add_argument("--json", help="write every number here")
     args = ap.parse_args()
     if (args.base is None) != (args.guide is None):
         raise SystemExit("--base and --guide go together")
     counts = [int(x) for x in args.clients.split(",")]
     bodies = [body(q, args.max_tokens) for q in questions(args.requests)]
-    rows, first = [], None
-    costs = batch_costs(args)
-    for name, c in costs.items():
-        print(f"{name}: a decode of 2, 4, 8 rows costs {c[0]:.2f}x, {c[1]:.2f}x, {c[2]:.2f}x one row "
-              f"(so batching 8 can gain at most {8 / c[2]:.2f}x on it)", flush=True)
+    rows = []
+    modes = {"off": [False], "on": [True], "both": [False, True]}[args.deterministic]
+    costs = {}
+    for det in modes:
+        for name, c in batch_costs(args, det).items():
+            costs[f"{name} deterministic {'on' if det else 'off'}"] = c
+            print(f"{name} (deterministic {'on' if det else 'off'}): a decode of 2, 4, 8 rows costs {c[0]:.2f}x, "
+                  f"{c[1]:.2f}x, {c[2]:.2f}x one row (so batching 8 can gain at most {8 / c[2]:.2f}x on it)",
+                  flush=True)
     pair = f"{Path(args.base).stem} + {Path(args.guide).stem}" if args.base else args.pair
     print(f"pair {pair}, method {args.method}, {args.requests} chat requests of {args.max_tokens} tokens, "
           f"--ctx {args.ctx}, {args.threads} threads", flush=True)
-    print(f"{'clients':>8} {'tok/s':>8} {'x one at a time':>16} {'p50 s':>7} {'p95 s':>7} {'same answers':>13} "
-          f"{'KV MiB':>8} {'per slot':>9}", flush=True)
+    print(f"{'clients':>8} {'determ.':>8} {'tok/s':>8} {'x one at a time':>16} {'p50 s':>7} {'p95 s':>7} "
+          f"{'same answers':>13} {'KV MiB':>8} {'per slot':>9}", flush=True)
+    first: dict[bool, dict] = {}
     for n in counts:
-        with Server(n, args) as srv:
-            r = asyncio.run(throughput(srv.url, n, bodies))
-        r.update(clients=n, kv_mib=srv.kv_mib, kv_slot_mib=srv.kv_slot_mib)
-        first = first or r
-        r["ratio"] = r["tokens_per_s"] / first["tokens_per_s"]
-        r["same"] = sum(a == b for a, b in zip(r["answers"], first["answers"]))
-        rows.append(r)
-        print(f"{n:>8} {r['tokens_per_s']:>8.1f} {r['ratio']:>15.2f}x {r['p50_s']:>7.2f} {r['p95_s']:>7.2f} "
-              f"{r['same']:>6}/{len(bodies):<6} {srv.kv_mib or 0:>8.1f} {srv.kv_slot_mib or 0:>9.1f}", flush=True)
+        for det in modes:
+            with Server(n, args, det) as srv:
+                r = asyncio.run(throughput(srv.url, n, bodies))
+            r.update(clients=n, deterministic=det, kv_mib=srv.kv_mib, kv_slot_mib=srv.kv_slot_mib)
+            f = first.setdefault(det, r)
+            r["ratio"] = r["tokens_per_s"] / f["tokens_per_s"]
+            r["same"] = sum(a == b for a, b in zip(r["answers"], f["answers"]))
+            rows.append(r)
+            print(f"{n:>8} {'on' if det else 'off':>8} {r['tokens_per_s']:>8.1f} {r['ratio']:>15.2f}x "
+                  f"{r['p50_s']:>7.2f} {r['p95_s']:>7.2f} {r['same']:>6}/{len(bodies):<6} {srv.kv_mib or 0:>8.1f} "
+                  f"{srv.kv_slot_mib or 0:>9.1f}", flush=True)
+    if len(modes) == 2:
+        print("\n--deterministic against serve's default (tok/s on / off): " + ", ".join(
+            f"{n} clients {on['tokens_per_s'] / off['tokens_per_s']:.2f}"
+            for n, off, on in ((n, *(r for r in rows if r["clients"] == n)) for n in counts)), flush=True)
+    if not args.fairness:
+        if args.json:
+            Path(args.json).write_text(json.dumps({"args": vars(args), "batch_costs": costs, "rows": rows}, indent=1))
+        return 0
     fair = {}
-    with Server(1, args) as srv:
+    with Server(1, args, modes[0]) as srv:
         fair["idle"] = asyncio.run(idle_latency(srv.url, args))
         fair["parallel 1"] = asyncio.run(behind_long_ones(srv.url, args))
-    with Server(4, args) as srv:
+    with Server(4, args, modes[0]) as srv:
         fair["parallel 4"] = asyncio.run(behind_long_ones(srv.url, args))
     print(f"\na 16-token request behind 3 requests of {args.long_tokens} tokens ({args.shorts} of them, sent "
           f"together):")

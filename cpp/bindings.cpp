@@ -210,8 +210,8 @@ void bind_functions(nb::module_& m) {
 
 void model_init(Model* self, const std::string& path, int n_ctx, int n_batch, int n_seq_max, int n_gpu_layers,
                 int n_threads, const std::string& kv_type, const std::vector<std::pair<std::string, float>>& adapters,
-                bool amx, const std::vector<std::string>& rpc) {
-    blendin::ModelParams p{n_ctx, n_batch, n_seq_max, n_gpu_layers, n_threads, kv_type, amx, rpc};
+                bool extra_buffers, const std::vector<std::string>& rpc) {
+    blendin::ModelParams p{n_ctx, n_batch, n_seq_max, n_gpu_layers, n_threads, kv_type, extra_buffers, rpc};
     nb::gil_scoped_release release;
     new (self) Model(path, p, adapters);
 }
@@ -255,7 +255,7 @@ nb::ndarray<nb::numpy, float, nb::ndim<2>> model_logits(Model& self, const std::
 void bind_model(nb::module_& m) {
     nb::class_<Model>(m, "Model", "One GGUF model and its llama.cpp context (blendin_cpp.Model wraps it).")
         .def("__init__", &model_init, "path"_a, "n_ctx"_a, "n_batch"_a, "n_seq_max"_a, "n_gpu_layers"_a,
-             "n_threads"_a, "kv_type"_a, "adapters"_a, "amx"_a, "rpc"_a)
+             "n_threads"_a, "kv_type"_a, "adapters"_a, "extra_buffers"_a, "rpc"_a)
         .def_prop_ro("n_vocab", &Model::n_vocab, "Tokens in the vocabulary.")
         .def_prop_ro("n_ctx", &Model::n_ctx, "KV cells of the context (all sequences together).")
         .def_prop_ro("kv_type", &Model::kv_type, "The KV cache's type: q8_0, f16 or f32.")

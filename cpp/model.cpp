@@ -149,10 +149,7 @@ Model::Model(const std::string& path, const ModelParams& p,
 
     llama_model_params mp = llama_model_default_params();
     mp.n_gpu_layers = p.n_gpu_layers;
-    // The repacked (CPU_REPACK) and AMX weight buffers have one kernel for one row and another for
-    // several: without them a row's result does not depend on the batch it is decoded in. AMX is
-    // an explicit opt-in (faster on Xeons that have it, crashes on some: llama.cpp issue 20824).
-    mp.use_extra_bufts = p.amx;
+    mp.use_extra_bufts = p.extra_buffers;
     std::vector<ggml_backend_dev_t> devices;
     if (!p.rpc.empty()) {
         devices = rpc::devices(p.rpc);  // checked: reachable, same protocol

@@ -40,10 +40,11 @@ struct ModelParams {
     // from 64 rows), which part a sequence's bits alone and in a batch; for q8_0 it has one
     // (docs/design.md section 4.3). It also halves the memory.
     std::string kv_type;
-    // Let llama.cpp place weights in its extra CPU buffer types (AMX where offered, CPU_REPACK).
-    // Off by default: their kernels make a row's result depend on the batch, and llama.cpp's AMX
-    // matmul segfaults on quantized models on some Xeons (llama.cpp issue 20824).
-    bool amx = false;
+    // Let llama.cpp place weights in its extra CPU buffer types (CPU_REPACK, AMX where offered):
+    // faster, but their kernels take one accumulation order for one row and another for several,
+    // so a row's result depends on the batch. The caller decides (Python's
+    // `use_extra_buffer_types`: off for deterministic models, and where AMX would be among them).
+    bool extra_buffers = false;
     // "host:port" of ggml RPC servers: the layers go to them (in proportion to their free memory)
     // instead of this process's CPU; n_gpu_layers then counts the layers sent to them (-1: all).
     std::vector<std::string> rpc;

@@ -271,7 +271,7 @@ def parallel_server(tmp_path_factory):
     log = tmp_path_factory.mktemp("parallel") / "server.log"
     models = [a for r in ("base", "guide", "anti") for a in (f"--{r}", str(DEMO / f"{r}.gguf"))]
     proc = load_server.start_server([*models, "--threads", "1"], port=port, log_path=str(log),
-                                    extra=["--parallel", str(PARALLEL), "--ctx", "512"])
+                                    extra=["--parallel", str(PARALLEL), "--ctx", "512", "--deterministic"])
     yield f"http://127.0.0.1:{port}", log
     proc.terminate()
     proc.wait(30)
@@ -362,7 +362,8 @@ def test_the_server_states_its_kv_memory_per_slot(parallel_server):
     import re
     line = next(x for x in log.read_text().splitlines() if "requests at once" in x)
     m = re.fullmatch(rf"{PARALLEL} requests at once, 512 tokens of context each; "
-                     r"KV cache ([\d.]+) MiB \(([\d.]+) MiB per slot\)", line)
+                     r"KV cache ([\d.]+) MiB \(([\d.]+) MiB per slot\); "
+                     r"deterministic: a request's answer does not depend on the others", line)
     assert m, line
     total, per_slot = float(m[1]), float(m[2])
     assert total > 0 and abs(per_slot * PARALLEL - total) < 0.2

@@ -281,7 +281,9 @@ def test_server_round_trip_with_the_openai_client(real, tmp_path):
     import load_server
     port = load_server.free_port()
     log = tmp_path / "server.log"
-    proc = load_server.start_server(["--pair", "real", "--threads", str(THREADS), "--ctx", str(N_CTX)], port=port,
+    # --deterministic: the models load as they do in this process (serve's default takes the repacked kernels)
+    proc = load_server.start_server(["--pair", "real", "--threads", str(THREADS), "--ctx", str(N_CTX),
+                                     "--deterministic"], port=port,
                                     log_path=str(log), wait_s=300)
     try:
         client = openai.OpenAI(base_url=f"http://127.0.0.1:{port}/v1", api_key="none", max_retries=0, timeout=120)

@@ -219,7 +219,7 @@ def reward_from_spec(blender: Blender, spec: str, args) -> Reward:
         return implicit_reward(blender, normalize=args.normalize)
     if spec.startswith("model:"):
         return model_reward(Model(spec[len("model:"):], n_ctx=args.ctx * args.n_seq, n_seq_max=args.n_seq,
-                                  n_threads=args.threads), normalize=True)
+                                  n_threads=args.threads, deterministic=args.deterministic), normalize=True)
     raise ValueError(f"--reward must be 'implicit' or 'model:PATH.gguf', not {spec!r}")
 
 

@@ -299,9 +299,11 @@ def evaluate_pair(blender: Blender, methods: list[str], questions: list[dict], *
 
 def evaluate(pairs: list[str], methods: list[str], questions: list[dict], *, gamma: float = 0.4,
              max_tokens: int = 48, n_threads: int | None = None, n_gpu_layers: int | None = None,
-             rpc: str | None = None, progress=None, parallel: int = 1, sampling: dict | None = None) -> dict:
+             rpc: str | None = None, progress=None, parallel: int = 1, sampling: dict | None = None,
+             deterministic: bool = True) -> dict:
     """The demo pairs: {"pairs": {pair: {method: row}}, "skipped": {...}, "models": {...}}."""
-    kw = dict(n_ctx=512 * parallel, n_seq_max=parallel, n_threads=n_threads, n_gpu_layers=n_gpu_layers)
+    kw = dict(n_ctx=512 * parallel, n_seq_max=parallel, n_threads=n_threads, n_gpu_layers=n_gpu_layers,
+              deterministic=deterministic)
     base = Model(demo.demo_path("base"), rpc=rpc, **kw)
     anti = Model(demo.demo_path("anti"), **kw)
     results: dict = {"pairs": {}, "skipped": {}, "models": {}}
@@ -376,7 +378,7 @@ def cmd_eval(args) -> int:
                 raise ValueError(f"unknown demo pair {p!r}; choose from {', '.join(DEMO_PAIRS)}")
         results = evaluate(pairs, methods, questions, gamma=args.gamma, max_tokens=args.max_tokens,
                            n_threads=args.threads, n_gpu_layers=args.n_gpu_layers, rpc=args.rpc, progress=progress,
-                           parallel=args.parallel, sampling=sampling)
+                           parallel=args.parallel, sampling=sampling, deterministic=args.deterministic)
     else:
         models = load_models(args, log=sys.stderr, parallel=args.parallel)
         if models["guide"] is None:
@@ -398,6 +400,7 @@ def cmd_eval(args) -> int:
     results["max_tokens"] = args.max_tokens
     results["sampling"] = sampling
     results["system"] = system
+    results["deterministic"] = args.deterministic
     results["seconds"] = time.perf_counter() - t0
     print(format_table(results))
     if "quality" in results:

@@ -33,15 +33,17 @@ def _patch(use_extra_bufts: bool):
     return original
 
 
-def load(path: str, *, amx: bool | None = None, extra_buffer_types: bool | None = None, **kwargs):
-    """`llama_cpp.Llama(path, **kwargs)` with blendin_cpp's choice of weight buffer types (or
-    `extra_buffer_types` forced on or off, for the benchmark that compares the two) and, unless
+def load(path: str, *, deterministic: bool = True, amx: bool | None = None, extra_buffer_types: bool | None = None,
+         **kwargs):
+    """`llama_cpp.Llama(path, **kwargs)` with the weight buffer types a `Model(path,
+    deterministic=..., amx=...)` gets, so that its logits are the same bits (or `extra_buffer_types`
+    forced on or off, for the benchmark that compares the two), and, unless
     `n_gpu_layers` is given, blendin_cpp's default offload (every layer where there is a GPU;
     llama-cpp-python's own default is none)."""
     import llama_cpp
     import llama_cpp.llama_cpp as lc
     kwargs.setdefault("n_gpu_layers", default_gpu_layers())
-    use = use_extra_buffer_types(amx) if extra_buffer_types is None else bool(extra_buffer_types)
+    use = use_extra_buffer_types(deterministic, amx) if extra_buffer_types is None else bool(extra_buffer_types)
     with _patch_lock:
         original = _patch(use)
         try:

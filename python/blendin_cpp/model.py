@@ -27,19 +27,22 @@ AMX_ENV = "BLENDIN_CPP_AMX"
 
 
 def amx_requested(amx: bool | None = None) -> bool:
-    """Whether llama.cpp may use its AMX (and repack) weight buffers: `amx` if given, else
-    BLENDIN_CPP_AMX=1."""
+    """Whether a model that is not deterministic may use llama.cpp's AMX weight buffers: `amx` if
+    given, else BLENDIN_CPP_AMX=1."""
     if amx is not None:
         return bool(amx)
     return os.environ.get(AMX_ENV, "").strip().lower() in ("1", "true", "yes", "on")
 
 
-def use_extra_buffer_types(amx: bool | None = None) -> bool:
-    """The `use_extra_bufts` a load gets: llama.cpp takes all extra weight buffer types (AMX,
-    CPU_REPACK, ...) or none. None by default: their kernels take another accumulation order for
-    one row than for several, so a row's logits would depend on the batch it came in, and the AMX
-    matmul segfaults on quantized models on some Xeons. Asking for AMX turns them all on."""
-    return amx_requested(amx)
+def use_extra_buffer_types(deterministic: bool = True, amx: bool | None = None) -> bool:
+    """The `use_extra_bufts` a load gets: llama.cpp takes all of its extra CPU weight buffer types
+    (CPU_REPACK, AMX where the CPU has it) or none. None for a deterministic model: their kernels
+    take another accumulation order for one row than for several, so a row's logits would depend on
+    the batch it came in. Otherwise all of them, except on a CPU that offers AMX unless AMX is asked
+    for (`amx_requested`): llama.cpp's AMX matmul segfaults on quantized models on some Xeons."""
+    if deterministic:
+        return False
+    return amx_requested(amx) or "AMX" not in _core.cpu_extra_buffer_types()
 
 
 def gpu_devices() -> list[str]:
@@ -101,10 +104,14 @@ class Model:
         adapters: LoRA adapters as (path, scale) pairs; scales can change later with
             `set_adapter_scales` without reloading.
         verbose: print llama.cpp's log (process-wide; off by default).
-        amx: let llama.cpp put weights in its extra CPU buffers, AMX where the CPU offers it and
-            CPU_REPACK (default: the BLENDIN_CPP_AMX environment variable, else off; see "AMX on
-            Intel Xeons" in docs/troubleshooting.md). Faster on some CPUs, but a row's logits then
-            depend on the batch it was decoded in. `buffer_types` says where the weights went.
+        deterministic: a sequence's logits are the same bits alone and in a batch of any size
+            (True, the default): llama.cpp's repacked weight buffers (CPU_REPACK, AMX), whose
+            kernels round one row and several differently, are left out. False: they are used
+            where the CPU offers them, faster on batches and prompts (docs/performance.md).
+            `buffer_types` says where the weights went.
+        amx: with `deterministic=False` on a CPU that offers AMX, use it too (default: the
+            BLENDIN_CPP_AMX environment variable, else off: see "AMX on Intel Xeons" in
+            docs/troubleshooting.md).
         rpc: "host:port" of llama.cpp RPC servers (`python -m blendin_cpp rpc-server` on each
             machine) that hold the model's layers, split in proportion to their free memory; needs
             llama-cpp-python built with -DGGML_RPC=on (see docs/rpc.md).
@@ -113,9 +120,15 @@ class Model:
     def __init__(self, path: str | os.PathLike, *, n_ctx: int | None = None, n_gpu_layers: int | None = None,
                  n_threads: int | None = None, n_batch: int = 512, n_seq_max: int = 1,
                  kv_type: str | None = None, adapters: Iterable[tuple[str | os.PathLike, float]] = (),
-                 verbose: bool = False, amx: bool | None = None, rpc: str | Iterable[str] | None = None):
+                 verbose: bool = False, deterministic: bool = True, amx: bool | None = None,
+                 rpc: str | Iterable[str] | None = None):
         if not isinstance(path, (str, os.PathLike)):
             raise TypeError(f"path must be a str or os.PathLike, got {type(path).__name__}")
+        if not isinstance(deterministic, bool):
+            raise TypeError(f"deterministic must be True or False, got {deterministic!r}")
+        if deterministic and amx:
+            raise ValueError("amx=True needs deterministic=False: AMX's kernels round a row differently "
+                             "alone and in a batch")
         n_ctx = _int_param("n_ctx", n_ctx, minimum=1, allow_none=True)
         n_threads = _int_param("n_threads", n_threads, minimum=1, allow_none=True)
         rpc_servers = parse_rpc(rpc)
@@ -139,7 +152,9 @@ class Model:
         self.path = str(Path(path))
         self.adapter_names = [Path(a).stem for a, _ in adapter_list]  # one knob per adapter, by file stem
         self._handle = _core.Model(self.path, n_ctx or 0, n_batch, n_seq_max, n_gpu_layers,
-                                   n_threads or 0, kv_type or "", adapter_list, amx_requested(amx), rpc_servers)
+                                   n_threads or 0, kv_type or "", adapter_list,
+                                   use_extra_buffer_types(deterministic, amx), rpc_servers)
+        self.deterministic = deterministic
 
     def __repr__(self) -> str:
         return f"Model({self.path!r}, n_vocab={self.n_vocab}, n_ctx={self.n_ctx})"

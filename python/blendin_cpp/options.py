@@ -12,7 +12,7 @@ from . import demo, real_models
 PAIRS = ("demo", *real_models.PAIRS)
 
 
-def add_model_args(p: argparse.ArgumentParser) -> None:
+def add_model_args(p: argparse.ArgumentParser, deterministic: bool = True) -> None:
     g = p.add_argument_group("models (default: the bundled demo pair)")
     g.add_argument("--pair", choices=PAIRS, default=None,
                    help="a named pair: demo (bundled), real (Gemma-3-270M + SmolLM2-135M-Instruct, two tokenizers), "
@@ -34,6 +34,10 @@ def add_model_args(p: argparse.ArgumentParser) -> None:
     g.add_argument("--guide-rpc", metavar="HOST:PORT[,HOST:PORT...]",
                    help="the same for the guide (default: the guide runs here)")
     g.add_argument("--threads", type=int, default=None, help="CPU threads (default: all cores)")
+    g.add_argument("--deterministic", action=argparse.BooleanOptionalAction, default=deterministic,
+                   help="a request's tokens and logprobs are the same bits alone and in a batch: llama.cpp's "
+                        "repacked weight kernels, which round one row and several differently, are left out "
+                        f"(default: {'on' if deterministic else 'off: on cost the Qwen pair about a sixth of its throughput at 8 clients'})")
     g.add_argument("--verbose", action="store_true", help="show llama.cpp's log")
     g.add_argument("--av", action="append", default=[], metavar="PATH:SCALE",
                    help="an Alignment Vector (a LoRA AV from `av extract --rank`) on the base, with its scale "
@@ -166,7 +170,8 @@ def load_models(args, need_anti: bool = False, log=None, n_seq_max: int = 1, par
         print(f"warning: --ctx {args.ctx} goes beyond the {demo.TRAINED_CTX} tokens the demo models were trained on: "
               "past that their answers are unreliable", file=log or sys.stderr, flush=True)
     kw = dict(n_ctx=args.ctx * max(n_seq_max, parallel), n_gpu_layers=args.n_gpu_layers, n_threads=args.threads,
-              verbose=args.verbose, n_seq_max=max(n_seq_max, parallel))
+              verbose=args.verbose, n_seq_max=max(n_seq_max, parallel),
+              deterministic=getattr(args, "deterministic", True))
     # Alignment Vectors (--av PATH:SCALE): LoRA adapters on the base, checked against it
     av = {"adapters": runtime_adapters(args.av, paths["base"])} if getattr(args, "av", None) else {}
     models = {}

@@ -337,16 +337,17 @@ def pair_paths(pair: str, *, log: TextIO | None = sys.stderr) -> tuple[str, str]
 
 
 def weight_buffers_line() -> str:
-    """What this CPU's llama.cpp build offers for weights, and what a load uses by default."""
+    """What this CPU's llama.cpp build offers for weights, and what loads use."""
     from . import _core
     from .model import AMX_ENV, use_extra_buffer_types
     offered = _core.cpu_extra_buffer_types()
     if not offered:
         return "weight buffers: the plain CPU buffers (this build offers no extra types)"
-    if use_extra_buffer_types():
-        return f"weight buffers: {', '.join(offered)} offered and used where they fit ({AMX_ENV}=1)"
-    return (f"weight buffers: {', '.join(offered)} offered; none used, so that answers do not depend on the "
-            f"batch (set {AMX_ENV}=1 to use them)")
+    fast = (f"used where they fit by models that are not deterministic (serve's default, --no-deterministic)"
+            if use_extra_buffer_types(deterministic=False) else
+            f"not used even by models that are not deterministic: this CPU has AMX (set {AMX_ENV}=1 to use it)")
+    return (f"weight buffers: {', '.join(offered)} offered; deterministic models (the default) leave them out, "
+            f"so that answers do not depend on the batch; {fast}")
 
 
 # ---- the command ----------------------------------------------------------------------------------------

@@ -36,7 +36,7 @@ __all__ = ["Server", "create_app", "add_parser", "cmd_serve"]
 
 def add_parser(subparsers) -> None:
     p = subparsers.add_parser("serve", help="an OpenAI-compatible HTTP server (chat and completions)")
-    add_model_args(p)
+    add_model_args(p, deterministic=False)
     add_blend_args(p)
     s = p.add_argument_group("server")
     s.add_argument("--host", default="127.0.0.1", help="address to bind (default 127.0.0.1: this machine only)")
@@ -93,8 +93,10 @@ def cmd_serve(args) -> int:
     kv = sum(m.kv_mib for m in blender._models())
     n = blender.base.n_seq_max  # every sequence has its own cells: the slots, and more for --n-seq
     print(f"{args.parallel} requests at once, {server.n_ctx} tokens of context each; KV cache {kv:.1f} MiB "
-          f"({kv / n:.1f} MiB per slot)" + (f", {n} slots' worth for --n-seq {n}" if n > args.parallel else ""),
-          file=sys.stderr, flush=True)
+          f"({kv / n:.1f} MiB per slot)" + (f", {n} slots' worth for --n-seq {n}" if n > args.parallel else "") +
+          ("; deterministic: a request's answer does not depend on the others" if args.deterministic else
+           "; not deterministic (faster kernels): an answer can change with the batch it runs in "
+           "(--deterministic)"), file=sys.stderr, flush=True)
     if not args.no_webui:
         host = f"[{args.host}]" if ":" in args.host else args.host
         print(f"chat page: http://{host}:{args.port}/", file=sys.stderr, flush=True)
