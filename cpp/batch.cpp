@@ -30,11 +30,11 @@ std::vector<float> share_prompt(Model& m, const std::vector<Token>& prompt, int 
 }
 
 // One group of candidates, candidate c in sequence c of every model it uses.
-class Group {
+class Group : public Sequences {
 public:
     Group(Model* const* models, const std::vector<Token>* const* prompts, const GenParams& params,
           const TokenFacts& facts, const std::vector<uint64_t>& seeds)
-        : params_(params), facts_(facts), n_(static_cast<int>(seeds.size())) {
+        : facts_(facts), n_(static_cast<int>(seeds.size())) {
         for (int r = 0; r < kRoles; ++r) {
             models_[r] = models[r];
             if (!models[r]) continue;
@@ -51,35 +51,9 @@ public:
         std::vector<Candidate> out(n_);
         std::vector<int> live(n_);
         for (int c = 0; c < n_; ++c) live[c] = c;
-        const bool naive = !params_.lazy;
         while (!live.empty()) {
-            if (naive)  // every model reads every token
-                for (int r = 0; r < kRoles; ++r) fetch(r, live);
-            // 1. nudged words go on where the guide keeps writing
-            std::vector<int> words, rest;
-            for (int c : live) (decoders_[c]->in_word() ? words : rest).push_back(c);
-            fetch(kGuide, words);
-            for (int c : words)
-                if (!decoders_[c]->continue_word(rows_[kGuide][c].data(), 0.0f)) rest.push_back(c);
-            // 2. the gates, from the base's rows
-            fetch(kBase, rest);
-            std::vector<int> consulted;
-            for (int c : rest)
-                if (decoders_[c]->gate(models_[kBase] ? rows_[kBase][c].data() : nullptr)) consulted.push_back(c);
-            // 3. the guides (and antis) that are consulted, all in one batch per model
-            std::vector<int> unread;
-            for (int c : consulted)
-                if (!decoders_[c]->guide_read()) unread.push_back(c);
-            fetch(kGuide, unread);
-            fetch(kAnti, consulted);
-            for (int c : rest) {
-                Decoder& d = *decoders_[c];
-                const bool consult = std::find(consulted.begin(), consulted.end(), c) != consulted.end();
-                const bool read = consult && models_[kGuide] && !d.guide_read();
-                d.decide(read ? rows_[kGuide][c].data() : nullptr,
-                         consult && models_[kAnti] ? rows_[kAnti][c].data() : nullptr, 0.0f);
-            }
-            // 4. emit; a finished candidate leaves the group
+            decide_tokens(*this, live);
+            // emit; a finished candidate leaves the group
             std::vector<int> next;
             for (int c : live) {
                 Decoder& d = *decoders_[c];
@@ -107,9 +81,11 @@ public:
         return out;
     }
 
-private:
+    Decoder* decoder(int c) override { return decoders_[c].get(); }
+    bool uses(int, int role) const override { return models_[role] != nullptr; }
+    const float* row(int c, int role) override { return rows_[role][c].data(); }
     // Bring the candidates' sequences of model r up to their targets and copy their rows.
-    void fetch(int r, const std::vector<int>& cands) {
+    void fetch(int r, const std::vector<int>& cands) override {
         if (!models_[r] || cands.empty()) return;
         std::vector<Model::SyncRequest> requests;
         std::vector<int> owner;
@@ -125,7 +101,7 @@ private:
         });
     }
 
-    const GenParams& params_;
+private:
     const TokenFacts& facts_;
     int n_;
     Model* models_[kRoles] = {};
@@ -154,12 +130,7 @@ std::vector<Candidate> generate_candidates(Model& base, Model* guide, Model* ant
     for (int r = 0; r < kRoles; ++r) {
         if (!use[r]) continue;
         if (!given[r]) throw ValueError(std::string("method '") + method_name(m) + "' needs a " + role_name(r) + " model");
-        if (prompts[r]->empty()) throw ValueError(std::string("the ") + role_name(r) + " prompt is empty");
-        given[r]->check_tokens(*prompts[r]);
-        if (static_cast<int>(prompts[r]->size()) >= given[r]->n_ctx_seq())
-            throw ValueError(std::string("the ") + role_name(r) + " prompt has " + std::to_string(prompts[r]->size()) +
-                             " tokens, which leaves no room in its context of " +
-                             std::to_string(given[r]->n_ctx_seq()) + " tokens");
+        check_prompt(r, *given[r], *prompts[r]);
     }
     bool identity = true;
     if (guide) {

@@ -1,9 +1,10 @@
 // The state of one generated sequence, whoever schedules its decodes: the policy and sampler, the
-// nudged-word flag, the counters, the text with its stop strings and streaming. The single-sequence
-// Engine and the best-of-N batch both drive one Decoder per sequence, so every rule (the gate, the
-// cap, word nudging, end tokens, stop strings, the context) is written once.
+// nudged-word flag, the counters, the text with its stop strings and streaming. Every sequence (a
+// single generation, the server's requests, best-of-N's candidates) is one Decoder, so every rule
+// (the gate, the cap, word nudging, end tokens, stop strings, the context) is written once.
 //
-// One token is decided in up to three phases, each fed the logits it needs:
+// One token is decided in up to three phases, each fed the logits it needs (decide_tokens in
+// engine.h runs them for any number of sequences, one batched read per model and phase):
 //   if (d.in_word()) decided = d.continue_word(guide logits);     // a nudged word goes on
 //   if (!decided) { consult = d.gate(base logits); d.decide(guide logits if consult, anti logits); }
 // then d.emit(step, room) accounts for it.

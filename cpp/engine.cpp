@@ -2,6 +2,7 @@
 
 #include <algorithm>
 #include <cmath>
+#include <utility>
 
 #include "error.h"
 
@@ -30,6 +31,70 @@ public:
 }  // namespace
 
 const char* role_name(int role) { return kRoleNames[role]; }
+
+void check_prompt(int role, const Model& model, const std::vector<Token>& prompt) {
+    if (prompt.empty()) throw ValueError(std::string("the ") + kRoleNames[role] + " prompt is empty");
+    model.check_tokens(prompt);
+    if (static_cast<int>(prompt.size()) >= model.n_ctx_seq())
+        throw ValueError(std::string("the ") + kRoleNames[role] + " prompt has " + std::to_string(prompt.size()) +
+                         " tokens, which leaves no room in its context of " + std::to_string(model.n_ctx_seq()) +
+                         " tokens (shorten the prompt or raise n_ctx)");
+}
+
+void decide_tokens(Sequences& seqs, const std::vector<int>& live) {
+    auto with = [&](const std::vector<int>& from, auto&& keep) {  // the sequences of `from` still in, that keep(d, i)
+        std::vector<int> out;
+        for (int i : from)
+            if (Decoder* d = seqs.decoder(i); d && keep(*d, i)) out.push_back(i);
+        return out;
+    };
+    auto each = [&](const std::vector<int>& which, auto&& decide) {
+        for (int i : which)
+            if (Decoder* d = seqs.decoder(i)) seqs.guard(i, [&] { decide(*d, i); });
+    };
+    for (int r = 0; r < kRoles; ++r)  // the naive loop: every model reads every token
+        seqs.fetch(r, with(live, [&](Decoder& d, int i) { return !d.params().lazy && seqs.uses(i, r); }));
+    // 1. nudged words go on where the guide keeps writing
+    std::vector<int> words = with(live, [](Decoder& d, int) { return d.in_word(); });
+    std::vector<int> rest = with(live, [](Decoder& d, int) { return !d.in_word(); });
+    seqs.fetch(kGuide, words);
+    each(words, [&](Decoder& d, int i) {
+        if (!d.continue_word(seqs.row(i, kGuide), seqs.unmatched(i))) rest.push_back(i);
+    });
+    // 2. the gates, from the base's rows
+    seqs.fetch(kBase, with(rest, [&](Decoder&, int i) { return seqs.uses(i, kBase); }));
+    std::vector<int> consulted;
+    each(rest, [&](Decoder& d, int i) {
+        if (d.gate(seqs.uses(i, kBase) ? seqs.row(i, kBase) : nullptr)) consulted.push_back(i);
+    });
+    auto consults = [&](int i) { return std::find(consulted.begin(), consulted.end(), i) != consulted.end(); };
+    // 3. the guides (and antis) the gates consult, one batch per model
+    auto reads_guide = [&](Decoder& d, int i) { return consults(i) && seqs.uses(i, kGuide) && !d.guide_read(); };
+    seqs.fetch(kGuide, with(rest, reads_guide));
+    seqs.fetch(kAnti, with(rest, [&](Decoder&, int i) { return consults(i) && seqs.uses(i, kAnti); }));
+    each(rest, [&](Decoder& d, int i) {
+        d.decide(reads_guide(d, i) ? seqs.row(i, kGuide) : nullptr,
+                 consults(i) && seqs.uses(i, kAnti) ? seqs.row(i, kAnti) : nullptr, seqs.unmatched(i));
+    });
+}
+
+// The engine's one sequence as a batch of one: `read(role)` gives a model's row, read once per token.
+class Engine::One : public Sequences {
+public:
+    One(Engine& e, std::function<const float*(int)> read) : e_(e), read_(std::move(read)) {}
+    Decoder* decoder(int) override { return e_.decoder_.get(); }
+    bool uses(int, int role) const override { return e_.used(role); }
+    void fetch(int role, const std::vector<int>& which) override {
+        if (!which.empty() && !rows_[role]) rows_[role] = read_(role);
+    }
+    const float* row(int, int role) override { return rows_[role]; }
+    float unmatched(int) const override { return e_.unmatched(); }
+
+private:
+    Engine& e_;
+    std::function<const float*(int)> read_;
+    const float* rows_[kRoles] = {};
+};
 
 // ---- Track ----
 std::vector<const float*> Engine::Track::verify(const std::vector<Token>& drafts, std::vector<float>& row0) {
@@ -154,17 +219,8 @@ void Engine::check_prompts(const std::vector<Token>& base_prompt, const std::vec
     const Method m = p.policy.method;
     const bool use[kRoles] = {uses_base(m), uses_guide(m), uses_anti(m)};
     const std::vector<Token>* prompts[kRoles] = {&base_prompt, &guide_prompt, &guide_prompt};
-    for (int r = 0; r < kRoles; ++r) {
-        if (!use[r]) continue;
-        Model* model = models[r];
-        const auto& pr = *prompts[r];
-        if (pr.empty()) throw ValueError(std::string("the ") + kRoleNames[r] + " prompt is empty");
-        model->check_tokens(pr);
-        if (static_cast<int>(pr.size()) >= model->n_ctx_seq())
-            throw ValueError(std::string("the ") + kRoleNames[r] + " prompt has " + std::to_string(pr.size()) +
-                             " tokens, which leaves no room in its context of " + std::to_string(model->n_ctx_seq()) +
-                             " tokens (shorten the prompt or raise n_ctx)");
-    }
+    for (int r = 0; r < kRoles; ++r)
+        if (use[r]) check_prompt(r, *models[r], *prompts[r]);
 }
 
 void Engine::start(const std::vector<Token>& base_prompt, const std::vector<Token>& guide_prompt, const GenParams& p) {
@@ -309,16 +365,12 @@ std::vector<Step> Engine::score(const std::vector<Token>& base_prompt, const std
         for (int r = 0; r < kRoles; ++r)
             if (batched[r]) read_rows(r, *prompts[r], cont, a, b, rows[r]);
         for (size_t i = a; i < b; ++i) {
-            auto row = [&](int r) { return rows[r].data() + (i - a) * models[r]->n_vocab(); };
-            auto guide_row = [&]() { return bridged() ? guide_logits() : row(kGuide); };
+            One one(*this, [&](int r) -> const float* {
+                if (r == kGuide && bridged()) return guide_logits();  // it re-reads the text where consulted
+                return rows[r].data() + (i - a) * models[r]->n_vocab();
+            });
             d.force(cont[i]);
-            bool decided = false;
-            if (d.in_word()) decided = d.continue_word(guide_row(), unmatched());
-            if (!decided) {
-                const bool consult = d.gate(use[kBase] ? row(kBase) : nullptr);
-                const float* lg = consult && use[kGuide] && !d.guide_read() ? guide_row() : nullptr;
-                d.decide(lg, consult && use[kAnti] ? row(kAnti) : nullptr, unmatched());
-            }
+            decide_tokens(one, {0});
             d.follow(d.decided());
             out.push_back(std::move(d.decided()));
         }
@@ -332,26 +384,11 @@ std::vector<Step> Engine::score(const std::vector<Token>& base_prompt, const std
     return out;
 }
 
-// One token the plain way: a nudged word goes on, or the gate on the base consults the (lazy)
-// guide if needed; combine, pick, emit.
+// One token the plain way: the server's step on a batch of one (decide_tokens), then emit.
 void Engine::plain_step() {
-    Decoder& d = *decoder_;
-    if (!d.params().lazy)  // the naive loop: every model reads every token
-        for (int r = 0; r < kRoles; ++r)
-            if (used(r)) r == kGuide ? guide_logits() : tracks_[r].logits();
-    bool decided = false;
-    if (d.in_word()) {
-        const float* lg = guide_logits();
-        decided = d.continue_word(lg, unmatched());
-    }
-    if (!decided) {
-        const float* lb = used(kBase) ? tracks_[kBase].logits() : nullptr;
-        const bool consult = d.gate(lb);
-        const float* lg = consult && used(kGuide) && !d.guide_read() ? guide_logits() : nullptr;
-        const float* la = consult && used(kAnti) ? tracks_[kAnti].logits() : nullptr;
-        d.decide(lg, la, unmatched());
-    }
-    emit(d.decided(), false);
+    One one(*this, [this](int r) { return r == kGuide ? guide_logits() : tracks_[r].logits(); });
+    decide_tokens(one, {0});
+    emit(decoder_->decided(), false);
 }
 
 bool Engine::room(Token next) {

@@ -5,6 +5,7 @@
 
 #include <chrono>
 #include <deque>
+#include <functional>
 #include <memory>
 #include <string>
 #include <vector>
@@ -20,6 +21,8 @@ namespace blendin {
 
 enum Role { kBase = 0, kGuide = 1, kAnti = 2, kRoles = 3 };
 const char* role_name(int role);
+// A model's prompt must be non-empty, in its vocabulary, and leave room for a token.
+void check_prompt(int role, const Model& model, const std::vector<Token>& prompt);
 
 struct Stats {
     long tokens = 0, interventions = 0, capped = 0, drafted = 0, accepted = 0;
@@ -31,6 +34,28 @@ struct Stats {
 };
 // A sequence's own counts (tokens, interventions, alpha, finish reason, warning), from its decoder.
 Stats decoder_stats(const Decoder& d);
+
+// Sequences that decide their next token together, and where their models' rows come from: a
+// single generation (a batch of one), the server's batch (Scheduler), best-of-N's candidates and
+// scoring all decide through decide_tokens, so the phases of a token are written once.
+class Sequences {
+public:
+    virtual ~Sequences() = default;
+    // Sequence i's decoder; nullptr once it has left (an error ended it).
+    virtual Decoder* decoder(int i) = 0;
+    virtual bool uses(int i, int role) const = 0;
+    // Bring model `role`'s rows of sequences `which` up to date, in one batched decode.
+    virtual void fetch(int role, const std::vector<int>& which) = 0;
+    virtual const float* row(int i, int role) = 0;  // a bridged guide's: probabilities on the base vocabulary
+    virtual float unmatched(int /*i*/) const { return 0.0f; }  // of a bridged guide's last row
+    // Run one sequence's decision: an error ends that sequence alone where the caller can (the
+    // server's batch), else it propagates.
+    virtual void guard(int /*i*/, const std::function<void()>& decide) { decide(); }
+};
+// Decide the next token of each of `live` (decoder.h's phases; one fetch per model and phase):
+// the naive loop's reads, nudged words, the gates on the base's rows, the consulted guides and
+// antis. Each decoder's decided() then holds its token, to emit or follow.
+void decide_tokens(Sequences& seqs, const std::vector<int>& live);
 
 class Engine {
 public:
@@ -69,6 +94,7 @@ public:
 
 private:
     friend class Scheduler;  // runs many generations on this engine's models (scheduler.h)
+    class One;               // the engine's sequence as Sequences (a batch of one)
 
     // What one model is to have read: its prompt and the generated tokens it follows. The Model
     // records what its KV cache holds; logits() brings it to the target.

@@ -136,51 +136,6 @@ void Scheduler::start(Slot& s, int seq, Request&& r) {
     }
 }
 
-void Scheduler::fetch(int r, const std::vector<int>& which, std::vector<Event>& events) {
-    Model* model = models_[r];
-    if (!model || which.empty()) return;
-    const bool bridged = r == kGuide && engine_.bridged();
-    std::vector<Model::SyncRequest> requests;
-    std::vector<int> owner;
-    for (int i : which) {
-        Slot& s = slots_[i];
-        if (s.id < 0 || s.fresh[r]) continue;
-        if (bridged) {  // the guide reads the text so far through its own tokenizer (see Engine::guide_logits)
-            try {
-                const Decoder& d = *s.decoder;
-                const std::vector<Token>& read = s.retokenizer->tokens(d.text(), d.readable_text());
-                if (s.guide_prompt.size() + read.size() > static_cast<size_t>(slot_ctx_))
-                    throw ValueError("the guide reads the text as " + std::to_string(read.size()) + " tokens after its " +
-                                     std::to_string(s.guide_prompt.size()) + "-token prompt, which do not fit the context of " +
-                                     std::to_string(slot_ctx_) + " tokens per request");
-                s.target[r] = s.guide_prompt;
-                s.target[r].insert(s.target[r].end(), read.begin(), read.end());
-            } catch (const std::exception& e) {
-                fail(i, e, events);
-                continue;
-            }
-        }
-        requests.push_back({i, &s.target[r]});
-        owner.push_back(i);
-    }
-    const int nv = model->n_vocab(), n_base = engine_.n_vocab();
-    try {
-        model->sync_all(requests, [&](size_t k, const float* row) {
-            Slot& s = slots_[owner[k]];
-            if (bridged) {
-                softmax(row, nv, guide_p_.data());
-                s.rows[r].resize(n_base);
-                s.unmatched = engine_.bridge_->map_probs(guide_p_.data(), s.rows[r].data(), n_base);
-            } else {
-                s.rows[r].assign(row, row + nv);
-            }
-            s.fresh[r] = true;
-        });
-    } catch (const std::exception& e) {  // a batched decode that failed: its requests are undecided
-        for (int i : owner) fail(i, e, events);
-    }
-}
-
 void Scheduler::fail(int i, const std::exception& e, std::vector<Event>& events) {
     Slot& s = slots_[i];
     events.push_back(Event{s.id, Step{}, Stats{}, e.what(), dynamic_cast<const ValueError*>(&e) != nullptr});
@@ -218,6 +173,72 @@ Stats Scheduler::finish(Slot& s) {
     return st;
 }
 
+// The running slots as Sequences: a failed read or decision ends that slot's request alone.
+class Scheduler::Batch : public Sequences {
+public:
+    Batch(Scheduler& s, std::vector<Event>& events) : s_(s), events_(events) {}
+    Decoder* decoder(int i) override { return s_.slots_[i].id >= 0 ? s_.slots_[i].decoder.get() : nullptr; }
+    bool uses(int i, int role) const override { return s_.slots_[i].use[role]; }
+    // Bring model r of the given slots up to their targets (one batched decode) and copy the rows.
+    void fetch(int r, const std::vector<int>& which) override {
+        Model* model = s_.models_[r];
+        if (!model || which.empty()) return;
+        const bool bridged = r == kGuide && s_.engine_.bridged();
+        std::vector<Model::SyncRequest> requests;
+        std::vector<int> owner;
+        for (int i : which) {
+            Slot& s = s_.slots_[i];
+            if (s.id < 0 || s.fresh[r]) continue;
+            if (bridged) {  // the guide reads the text so far through its own tokenizer (see Engine::guide_logits)
+                try {
+                    const Decoder& d = *s.decoder;
+                    const std::vector<Token>& read = s.retokenizer->tokens(d.text(), d.readable_text());
+                    if (s.guide_prompt.size() + read.size() > static_cast<size_t>(s_.slot_ctx_))
+                        throw ValueError("the guide reads the text as " + std::to_string(read.size()) + " tokens after its " +
+                                         std::to_string(s.guide_prompt.size()) + "-token prompt, which do not fit the context of " +
+                                         std::to_string(s_.slot_ctx_) + " tokens per request");
+                    s.target[r] = s.guide_prompt;
+                    s.target[r].insert(s.target[r].end(), read.begin(), read.end());
+                } catch (const std::exception& e) {
+                    s_.fail(i, e, events_);
+                    continue;
+                }
+            }
+            requests.push_back({i, &s.target[r]});
+            owner.push_back(i);
+        }
+        const int nv = model->n_vocab(), n_base = s_.engine_.n_vocab();
+        try {
+            model->sync_all(requests, [&](size_t k, const float* row) {
+                Slot& s = s_.slots_[owner[k]];
+                if (bridged) {
+                    softmax(row, nv, s_.guide_p_.data());
+                    s.rows[r].resize(n_base);
+                    s.unmatched = s_.engine_.bridge_->map_probs(s_.guide_p_.data(), s.rows[r].data(), n_base);
+                } else {
+                    s.rows[r].assign(row, row + nv);
+                }
+                s.fresh[r] = true;
+            });
+        } catch (const std::exception& e) {  // a batched decode that failed: its requests are undecided
+            for (int i : owner) s_.fail(i, e, events_);
+        }
+    }
+    const float* row(int i, int role) override { return s_.slots_[i].rows[role].data(); }
+    float unmatched(int i) const override { return s_.slots_[i].unmatched; }
+    void guard(int i, const std::function<void()>& decide) override {
+        try {
+            decide();
+        } catch (const std::exception& e) {
+            s_.fail(i, e, events_);
+        }
+    }
+
+private:
+    Scheduler& s_;
+    std::vector<Event>& events_;
+};
+
 std::vector<Scheduler::Event> Scheduler::step() {
     Holding hold;
     hold.add(lease_, "this scheduler");
@@ -230,67 +251,37 @@ std::vector<Scheduler::Event> Scheduler::step() {
     for (int i = 0; i < n_slots(); ++i)
         if (slots_[i].id >= 0) live.push_back(i);
     if (live.empty()) return events;
-    std::vector<char> consult(n_slots());
-    auto with = [&](const std::vector<int>& from, auto&& keep) {  // the running slots of `from` that keep(slot, i)
-        std::vector<int> out;
-        for (int i : from)
-            if (slots_[i].id >= 0 && keep(slots_[i], i)) out.push_back(i);
-        return out;
-    };
-    auto each = [&](const std::vector<int>& which, auto&& decide) {  // an error ends that slot's request alone
-        for (int i : which) {
-            if (slots_[i].id < 0) continue;
-            try {
-                decide(slots_[i], i);
-            } catch (const std::exception& e) {
-                fail(i, e, events);
-            }
-        }
-    };
-    for (int r = 0; r < kRoles; ++r)  // the naive loop: every model reads every token
-        fetch(r, with(live, [r](Slot& s, int) { return !s.decoder->params().lazy && s.use[r]; }), events);
-    // 1. nudged words go on where the guide keeps writing
-    std::vector<int> words = with(live, [](Slot& s, int) { return s.decoder->in_word(); });
-    std::vector<int> rest = with(live, [](Slot& s, int) { return !s.decoder->in_word(); });
-    fetch(kGuide, words, events);
-    each(words, [&](Slot& s, int i) {
-        if (!s.decoder->continue_word(s.rows[kGuide].data(), s.unmatched)) rest.push_back(i);
-    });
-    // 2. the gates, from the base's rows
-    fetch(kBase, with(rest, [](Slot& s, int) { return s.use[kBase]; }), events);
-    each(rest, [&](Slot& s, int i) { consult[i] = s.decoder->gate(s.use[kBase] ? s.rows[kBase].data() : nullptr); });
-    // 3. the guides (and antis) the gates consult, one batch per model
-    fetch(kGuide, with(rest, [&](Slot& s, int i) { return consult[i] && s.use[kGuide] && !s.decoder->guide_read(); }),
-          events);
-    fetch(kAnti, with(rest, [&](Slot& s, int i) { return consult[i] && s.use[kAnti]; }), events);
-    each(rest, [&](Slot& s, int i) {
-        const bool read = consult[i] && s.use[kGuide] && !s.decoder->guide_read();
-        s.decoder->decide(read ? s.rows[kGuide].data() : nullptr,
-                          consult[i] && s.use[kAnti] ? s.rows[kAnti].data() : nullptr, s.unmatched);
-    });
-    // 4. every request emits its token; the finished leave
+    Batch batch(*this, events);
+    decide_tokens(batch, live);
+    // every request emits its token; the finished leave
     const auto now = std::chrono::steady_clock::now();
     const bool bridged = engine_.bridged();
-    each(live, [&](Slot& s, int) {
-        Decoder& d = *s.decoder;
-        if (!s.started) {
-            s.started = true;
-            s.t_first = now;
-        }
-        Step& st = d.decided();
-        const Token t = st.token;
-        const bool finished = d.emit(st, engine_.facts_->eog[t] || room(s, t));
-        Event ev{s.id, std::move(st), Stats{}, ""};
-        if (finished) {
-            ev.stats = finish(s);
-        } else {
-            for (int r = 0; r < kRoles; ++r) {
-                if (s.use[r] && !(r == kGuide && bridged)) s.target[r].push_back(t);  // a bridged guide follows the text
-                s.fresh[r] = false;
+    for (int i : live) {
+        Slot& s = slots_[i];
+        if (s.id < 0) continue;  // ended by an error
+        try {
+            Decoder& d = *s.decoder;
+            if (!s.started) {
+                s.started = true;
+                s.t_first = now;
             }
+            Step& st = d.decided();
+            const Token t = st.token;
+            const bool finished = d.emit(st, engine_.facts_->eog[t] || room(s, t));
+            Event ev{s.id, std::move(st), Stats{}, ""};
+            if (finished) {
+                ev.stats = finish(s);
+            } else {
+                for (int r = 0; r < kRoles; ++r) {
+                    if (s.use[r] && !(r == kGuide && bridged)) s.target[r].push_back(t);  // a bridged guide follows the text
+                    s.fresh[r] = false;
+                }
+            }
+            events.push_back(std::move(ev));
+        } catch (const std::exception& e) {  // this request alone ends
+            fail(i, e, events);
         }
-        events.push_back(std::move(ev));
-    });
+    }
     return events;
 }
 

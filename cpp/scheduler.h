@@ -5,12 +5,9 @@
 // a single generation is, so its tokens are the ones the request would get alone (up to the
 // rounding of batched arithmetic: see docs/server.md, "Batching and rounding").
 //
-// One step, as the Engine's plain step but for every active request together:
-//   1. nudged words go on: the guide's rows of the requests inside a word (one guide batch);
-//   2. the gates: the base's rows of the rest (one base batch);
-//   3. the requests whose gate consults the guide: the guide's (and anti's) rows (one batch each),
-//      where a lazy guide catches up on everything it skipped;
-//   4. every request emits its token; the finished leave.
+// One step: the waiting requests join free slots, every running request decides its token with
+// decide_tokens (engine.h: the phases a single generation also runs, as a batch of one; a lazy
+// guide catches up on everything it skipped in its one batch), then emits it; the finished leave.
 // A slot keeps what its sequence holds after its request leaves: a request whose prompt extends
 // it (the next turn of a chat) is given that slot and reads only the new tokens.
 #pragma once
@@ -82,11 +79,10 @@ private:
         bool started = false;  // its first token was decided
     };
 
+    class Batch;  // the running slots as Sequences (engine.h)
     void admit();
     void empty_other_sequences();
     void start(Slot& slot, int seq, Request&& r);
-    // Bring model r of the given slots up to their targets (one batched decode) and copy the rows.
-    void fetch(int r, const std::vector<int>& slots, std::vector<Event>& events);
     // The request in slot i ends with error e (an event for it).
     void fail(int i, const std::exception& e, std::vector<Event>& events);
     bool room(Slot& slot, Token next);
