@@ -367,3 +367,4 @@ def test_the_server_states_its_kv_memory_per_slot(parallel_server):
     assert m, line
     total, per_slot = float(m[1]), float(m[2])
     assert total > 0 and abs(per_slot * PARALLEL - total) < 0.2
+    assert httpx.get(f"{parallel_server[0]}/v1/models").json()["data"][0]["deterministic"] is True

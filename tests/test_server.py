@@ -148,6 +148,7 @@ def test_openai_logprobs(client):
 def test_models_and_health(server):
     models = httpx.get(f"{server}/v1/models", headers=AUTH).json()
     assert models["object"] == "list" and len(models["data"]) == 1
+    assert models["data"][0]["deterministic"] is False  # serve's default: the faster kernels
     assert httpx.get(f"{server}/health").json() == {"status": "ok", "busy": False, "running": 0, "job": None,
                                                    "waiting": 0, "parallel": 4}
 

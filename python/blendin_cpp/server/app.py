@@ -328,7 +328,8 @@ def create_app(server: Server, *, webui: bool = True):
         server.check_key(request)
         blend = {"lambda" if k == "lambda_" else k: v for k, v in server.blender.defaults.items()}
         return {"object": "list", "data": [{"id": server.model_id, "object": "model", "created": server.created,
-                                            "owned_by": "blendin_cpp", "n_ctx": server.n_ctx, "blend": blend}]}
+                                            "owned_by": "blendin_cpp", "n_ctx": server.n_ctx, "blend": blend,
+                                            "deterministic": all(m.deterministic for m in server.blender._models())}]}
 
     @app.get("/v1/parameters")
     async def parameters(request: Request):
