@@ -32,6 +32,16 @@ public:
 
 const char* role_name(int role) { return kRoleNames[role]; }
 
+void read_text(Retokenizer& rt, const Decoder& d, const std::vector<Token>& prompt, int ctx, std::vector<Token>& target) {
+    const std::vector<Token>& read = rt.tokens(d.text(), d.readable_text());
+    if (prompt.size() + read.size() > static_cast<size_t>(ctx))
+        throw ValueError("the guide reads the text as " + std::to_string(read.size()) + " tokens after its " +
+                         std::to_string(prompt.size()) + "-token prompt, which do not fit its context of " +
+                         std::to_string(ctx) + " tokens (raise the context)");
+    target = prompt;
+    target.insert(target.end(), read.begin(), read.end());
+}
+
 void check_prompt(int role, const Model& model, const std::vector<Token>& prompt) {
     if (prompt.empty()) throw ValueError(std::string("the ") + kRoleNames[role] + " prompt is empty");
     model.check_tokens(prompt);
@@ -155,13 +165,7 @@ bool Engine::used(int role) const {
 const float* Engine::guide_logits() {
     Track& g = tracks_[kGuide];
     if (!bridged()) return g.logits();
-    const std::vector<Token>& read = retokenizer_->tokens(decoder_->text(), decoder_->readable_text());
-    if (guide_prompt_.size() + read.size() > static_cast<size_t>(g.model->n_ctx_seq()))  // decoding checks room() first
-        throw ValueError("the guide reads the text as " + std::to_string(read.size()) + " tokens after its " +
-                         std::to_string(guide_prompt_.size()) + "-token prompt, which do not fit its context of " +
-                         std::to_string(g.model->n_ctx_seq()) + " tokens (raise n_ctx)");
-    g.target.resize(guide_prompt_.size());
-    g.target.insert(g.target.end(), read.begin(), read.end());
+    read_text(*retokenizer_, *decoder_, guide_prompt_, g.model->n_ctx_seq(), g.target);  // decoding checks room() first
     softmax(g.logits(), g.model->n_vocab(), guide_p_.data());
     unmatched_ = bridge_->map_probs(guide_p_.data(), guide_mapped_.data(), n_vocab_);
     return guide_mapped_.data();

@@ -23,6 +23,9 @@ enum Role { kBase = 0, kGuide = 1, kAnti = 2, kRoles = 3 };
 const char* role_name(int role);
 // A model's prompt must be non-empty, in its vocabulary, and leave room for a token.
 void check_prompt(int role, const Model& model, const std::vector<Token>& prompt);
+// A bridged guide's target: its prompt, then the text so far read through its tokenizer (`rt`),
+// within `ctx` tokens.
+void read_text(Retokenizer& rt, const Decoder& d, const std::vector<Token>& prompt, int ctx, std::vector<Token>& target);
 
 struct Stats {
     long tokens = 0, interventions = 0, capped = 0, drafted = 0, accepted = 0;

@@ -191,14 +191,7 @@ public:
             if (s.id < 0 || s.fresh[r]) continue;
             if (bridged) {  // the guide reads the text so far through its own tokenizer (see Engine::guide_logits)
                 try {
-                    const Decoder& d = *s.decoder;
-                    const std::vector<Token>& read = s.retokenizer->tokens(d.text(), d.readable_text());
-                    if (s.guide_prompt.size() + read.size() > static_cast<size_t>(s_.slot_ctx_))
-                        throw ValueError("the guide reads the text as " + std::to_string(read.size()) + " tokens after its " +
-                                         std::to_string(s.guide_prompt.size()) + "-token prompt, which do not fit the context of " +
-                                         std::to_string(s_.slot_ctx_) + " tokens per request");
-                    s.target[r] = s.guide_prompt;
-                    s.target[r].insert(s.target[r].end(), read.begin(), read.end());
+                    read_text(*s.retokenizer, *s.decoder, s.guide_prompt, s_.slot_ctx_, s.target[r]);
                 } catch (const std::exception& e) {
                     s_.fail(i, e, events_);
                     continue;
