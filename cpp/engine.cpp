@@ -42,6 +42,65 @@ void read_text(Retokenizer& rt, const Decoder& d, const std::vector<Token>& prom
     target.insert(target.end(), read.begin(), read.end());
 }
 
+// ---- Sequence ----
+void Sequence::start(Model* const* models, const std::vector<Token>* const* prompts, const GenParams& p,
+                     const TokenFacts& facts, bool bridged) {
+    const Method m = p.policy.method;
+    use[kBase] = uses_base(m);
+    use[kGuide] = uses_guide(m);
+    use[kAnti] = uses_anti(m);
+    decoder = std::make_unique<Decoder>(p, facts, p.sampling.seed, bridged);
+    unmatched = 0;
+    if (bridged && use[kGuide]) {
+        guide_prompt = *prompts[kGuide];
+        if (!retokenizer) retokenizer = std::make_unique<Retokenizer>(*models[kGuide]);
+        retokenizer->reset();
+    }
+    for (int r = 0; r < kRoles; ++r) {
+        prompt[r] = reused[r] = 0;
+        target[r].clear();
+        if (!models[r]) continue;
+        calls0[r] = models[r]->decode_calls();
+        tokens0[r] = models[r]->decoded_tokens();
+        if (!use[r]) continue;
+        target[r] = *prompts[r];
+        prompt[r] = static_cast<long>(target[r].size());
+        const size_t common = common_prefix(models[r]->tokens(seq), target[r]);
+        const bool current = common == target[r].size() && models[r]->logits_after(seq, common);
+        reused[r] = static_cast<long>(std::min(common, target[r].size() - (current ? 0 : 1)));
+    }
+}
+
+bool Sequence::room(Token next, const TokenFacts& facts, bool bridged) const {
+    for (int r = 0; r < kRoles; ++r)
+        if (use[r] && !(r == kGuide && bridged) && static_cast<int>(target[r].size()) >= ctx[r]) return false;
+    if (!bridged || !use[kGuide]) return true;
+    // a guide that re-reads the text: its tokens of the text with `next`, counted exactly only when
+    // the cheap bound comes near its context
+    const size_t limit = static_cast<size_t>(ctx[kGuide]) - guide_prompt.size();
+    return retokenizer->fits(decoder->text(), facts.base->text_piece(next), limit);
+}
+
+bool Sequence::emit(Step& step, const TokenFacts& facts, bool bridged, bool in_kv) {
+    const Token t = step.token;
+    const bool finished = decoder->emit(step, in_kv || facts.eog[t] || room(t, facts, bridged));
+    if (!finished && !in_kv)
+        for (int r = 0; r < kRoles; ++r)
+            if (use[r] && !(r == kGuide && bridged)) target[r].push_back(t);
+    return finished;
+}
+
+void Sequence::count(Stats& s, Model* const* models) const {
+    for (int r = 0; r < kRoles; ++r) {
+        if (!models[r]) continue;
+        s.prompt_tokens[r] = prompt[r];
+        s.reused_tokens[r] = reused[r];
+        // the models' decodes while it ran (in a batch: shared with the sequences batched with it)
+        s.decode_calls[r] = models[r]->decode_calls() - calls0[r];
+        s.decoded_tokens[r] = models[r]->decoded_tokens() - tokens0[r];
+    }
+}
+
 void check_prompt(int role, const Model& model, const std::vector<Token>& prompt) {
     if (prompt.empty()) throw ValueError(std::string("the ") + kRoleNames[role] + " prompt is empty");
     model.check_tokens(prompt);
@@ -92,7 +151,7 @@ void decide_tokens(Sequences& seqs, const std::vector<int>& live) {
 class Engine::One : public Sequences {
 public:
     One(Engine& e, std::function<const float*(int)> read) : e_(e), read_(std::move(read)) {}
-    Decoder* decoder(int) override { return e_.decoder_.get(); }
+    Decoder* decoder(int) override { return e_.seq_.decoder.get(); }
     bool uses(int, int role) const override { return e_.used(role); }
     void fetch(int role, const std::vector<int>& which) override {
         if (!which.empty() && !rows_[role]) rows_[role] = read_(role);
@@ -106,8 +165,9 @@ private:
     const float* rows_[kRoles] = {};
 };
 
-// ---- Track ----
-std::vector<const float*> Engine::Track::verify(const std::vector<Token>& drafts, std::vector<float>& row0) {
+std::vector<const float*> Engine::verify(int role, const std::vector<Token>& drafts, std::vector<float>& row0) {
+    Model* model = models_[role];
+    std::vector<Token>& target = seq_.target[role];
     std::vector<const float*> rows;
     std::vector<BatchItem> batch;
     const size_t common = common_prefix(model->tokens(0), target);
@@ -143,42 +203,36 @@ Engine::Engine(Model* base, Model* guide, Model* anti) {
         if (!check.identity())
             throw ValueError("the base and the anti do not share a vocabulary: " + check.first_difference());
     }
-    for (int r = 0; r < kRoles; ++r) tracks_[r].model = models[r];
+    for (int r = 0; r < kRoles; ++r) models_[r] = models[r];
     facts_ = std::make_unique<TokenFacts>(*base, guide && !bridged() ? guide : nullptr);
     if (bridged()) {
         guide_p_.resize(guide->n_vocab());
         guide_mapped_.resize(n_vocab_);
-        retokenizer_ = std::make_unique<Retokenizer>(*guide);
     }
 }
 
-bool Engine::used(int role) const {
-    if (!decoder_) return false;
-    const Policy& p = decoder_->policy();
-    return role == kBase ? p.uses_base() : role == kGuide ? p.uses_guide() : p.uses_anti();
-}
+bool Engine::used(int role) const { return seq_.decoder && seq_.use[role]; }
 
 // The guide's next-token row on the base vocabulary: its logits, or for a guide with its own
 // tokenizer its probabilities mapped by the bridge, after it read the generated text through
 // that tokenizer (as a full tokenization would split it, so that text the guide would merge
 // differently is merged its way; only the unsettled tail is tokenized again).
 const float* Engine::guide_logits() {
-    Track& g = tracks_[kGuide];
-    if (!bridged()) return g.logits();
-    read_text(*retokenizer_, *decoder_, guide_prompt_, g.model->n_ctx_seq(), g.target);  // decoding checks room() first
-    softmax(g.logits(), g.model->n_vocab(), guide_p_.data());
-    unmatched_ = bridge_->map_probs(guide_p_.data(), guide_mapped_.data(), n_vocab_);
+    if (!bridged()) return logits(kGuide);
+    read_text(*seq_.retokenizer, *seq_.decoder, seq_.guide_prompt, seq_.ctx[kGuide], seq_.target[kGuide]);  // decoding checks room() first
+    softmax(logits(kGuide), models_[kGuide]->n_vocab(), guide_p_.data());
+    seq_.unmatched = bridge_->map_probs(guide_p_.data(), guide_mapped_.data(), n_vocab_);
     return guide_mapped_.data();
 }
 
 std::vector<Token> Engine::tokens(int role) const {
     if (role < 0 || role >= kRoles) throw ValueError("role must be 0 (base), 1 (guide) or 2 (anti)");
     Lease::Read read(lease_, kEngineName);
-    return tracks_[role].target;
+    return seq_.target[role];
 }
 
 bool Engine::is_end(Token t) const {
-    if (t < 0 || t >= n_vocab_) tracks_[kBase].model->check_tokens({t});  // throws, naming the vocabulary
+    if (t < 0 || t >= n_vocab_) models_[kBase]->check_tokens({t});  // throws, naming the vocabulary
     return facts_->eog[t];
 }
 
@@ -187,7 +241,7 @@ void Engine::check(const GenParams& p) const {
     const Method m = p.policy.method;
     const bool use[kRoles] = {uses_base(m), uses_guide(m), uses_anti(m)};
     for (int r = 0; r < kRoles; ++r)
-        if (use[r] && !tracks_[r].model)
+        if (use[r] && !models_[r])
             throw ValueError(std::string("method '") + method_name(m) + "' needs a " + kRoleNames[r] + " model" +
                              (r == kAnti ? " (the guide's untuned sibling, for proxy-tuning)" : ""));
     if (!bridged()) return;
@@ -209,33 +263,26 @@ void Engine::check(const GenParams& p) const {
 }
 
 void Engine::reset() {
-    Model* models[kRoles] = {tracks_[kBase].model, tracks_[kGuide].model, tracks_[kAnti].model};
-    Hold hold(lease_, models);
-    for (auto& tr : tracks_)
-        if (tr.model) tr.model->truncate(-1, 0);
+    Hold hold(lease_, models_);
+    for (Model* m : models_)
+        if (m) m->truncate(-1, 0);
     active_ = false;
     queue_.clear();
 }
 
 void Engine::check_prompts(const std::vector<Token>& base_prompt, const std::vector<Token>& guide_prompt, const GenParams& p) {
-    Model* models[kRoles] = {tracks_[kBase].model, tracks_[kGuide].model, tracks_[kAnti].model};
     check(p);
     const Method m = p.policy.method;
     const bool use[kRoles] = {uses_base(m), uses_guide(m), uses_anti(m)};
     const std::vector<Token>* prompts[kRoles] = {&base_prompt, &guide_prompt, &guide_prompt};
     for (int r = 0; r < kRoles; ++r)
-        if (use[r]) check_prompt(r, *models[r], *prompts[r]);
+        if (use[r]) check_prompt(r, *models_[r], *prompts[r]);
 }
 
 void Engine::start(const std::vector<Token>& base_prompt, const std::vector<Token>& guide_prompt, const GenParams& p) {
-    Model* models[kRoles] = {tracks_[kBase].model, tracks_[kGuide].model, tracks_[kAnti].model};
-    Hold hold(lease_, models);
+    Hold hold(lease_, models_);
     check_prompts(base_prompt, guide_prompt, p);
-    const Method m = p.policy.method;
-    const bool use[kRoles] = {uses_base(m), uses_guide(m), uses_anti(m)};
     const std::vector<Token>* prompts[kRoles] = {&base_prompt, &guide_prompt, &guide_prompt};
-    guide_prompt_ = guide_prompt;
-    if (retokenizer_) retokenizer_->reset();
     queue_.clear();
     draft_len_ = std::min(4, p.draft_max);
     drafted_ = accepted_ = 0;
@@ -243,39 +290,29 @@ void Engine::start(const std::vector<Token>& base_prompt, const std::vector<Toke
     could_pay_ = -1;
     // speculative auto: what was learnt of the pair's acceptance and pace carries over to the next
     // generation that drafts the same way
-    if (p.speculative != Speculative::Auto || !decoder_ || decoder_->params().speculative != Speculative::Auto ||
-        decoder_->params().policy.method != m || decoder_->params().drafter != p.drafter) {
+    const Decoder* last = seq_.decoder.get();
+    if (p.speculative != Speculative::Auto || !last || last->params().speculative != Speculative::Auto ||
+        last->params().policy.method != p.policy.method || last->params().drafter != p.drafter) {
         accept_ema_ = 0.8;
         plain_pace_ = spec_pace_ = Pace{};
     }
-    decoder_ = std::make_unique<Decoder>(p, *facts_, p.sampling.seed, bridged());
-
     t_start_ = std::chrono::steady_clock::now();
+    seq_.start(models_, prompts, p, *facts_, bridged());
     for (int r = 0; r < kRoles; ++r) {
-        Track& tr = tracks_[r];
-        if (!tr.model) continue;
-        tr.calls0 = tr.model->decode_calls();
-        tr.tokens0 = tr.model->decoded_tokens();
-        tr.reused = tr.prompt = 0;
-        tr.target.clear();
-        if (!use[r]) continue;
-        tr.target = *prompts[r];
-        tr.prompt = static_cast<long>(tr.target.size());
-        const size_t common = common_prefix(tr.model->tokens(0), tr.target);
-        const bool current = common == tr.target.size() && tr.model->logits_after(0, common);
-        tr.reused = static_cast<long>(std::min(common, tr.target.size() - (current ? 0 : 1)));
+        if (!seq_.use[r]) continue;
+        seq_.ctx[r] = models_[r]->n_ctx_seq();
         // the engine runs sequence 0: free the cells other sequences (best-of-N) left behind
-        for (int s = 1; s < tr.model->n_seq_max(); ++s) tr.model->truncate(s, 0);
-        // the base is needed at once; a lazy guide reads its prompt the first time it is asked
-        if (r == kBase || !p.lazy) r == kGuide ? guide_logits() : tr.logits();
+        for (int s = 1; s < models_[r]->n_seq_max(); ++s) models_[r]->truncate(s, 0);
     }
+    // the base is needed at once; a lazy guide reads its prompt the first time it is asked
+    for (int r = 0; r < kRoles; ++r)
+        if (seq_.use[r] && (r == kBase || !p.lazy)) r == kGuide ? guide_logits() : logits(r);
     t_first_ = std::chrono::steady_clock::now();
     active_ = true;
 }
 
 bool Engine::step(Step& out) {
-    Model* models[kRoles] = {tracks_[kBase].model, tracks_[kGuide].model, tracks_[kAnti].model};
-    Hold hold(lease_, models);
+    Hold hold(lease_, models_);
     if (queue_.empty()) {
         if (!active_) return false;
         const int k = draft_length();
@@ -304,7 +341,7 @@ constexpr size_t kScoreFloats = size_t(1) << 24;
 
 void Engine::read_rows(int role, const std::vector<Token>& prompt, const std::vector<Token>& cont, size_t a, size_t b,
                        std::vector<float>& rows) {
-    Model& m = *tracks_[role].model;
+    Model& m = *models_[role];
     // the row for position i comes from reading token i of prompt + continuation[:i], counted from the prompt's last
     std::vector<Token> seq(prompt);
     seq.insert(seq.end(), cont.begin(), cont.begin() + (b - 1));
@@ -322,10 +359,10 @@ void Engine::read_rows(int role, const std::vector<Token>& prompt, const std::ve
 
 std::vector<Step> Engine::score(const std::vector<Token>& base_prompt, const std::vector<Token>& guide_prompt,
                                 const std::vector<Token>& cont, const GenParams& params) {
-    Model* models[kRoles] = {tracks_[kBase].model, tracks_[kGuide].model, tracks_[kAnti].model};
+    Model* const* models = models_;
     Hold hold(lease_, models);
     check_prompts(base_prompt, guide_prompt, params);
-    tracks_[kBase].model->check_tokens(cont);
+    models[kBase]->check_tokens(cont);
     GenParams p = params;
     p.ignore_eos = false;  // every token of the continuation keeps the probability the policy gives it
     const Method m = p.policy.method;
@@ -340,26 +377,17 @@ std::vector<Step> Engine::score(const std::vector<Token>& base_prompt, const std
                              " tokens (raise n_ctx)");
     active_ = false;  // a generation in progress ends here
     queue_.clear();
-    guide_prompt_ = guide_prompt;
-    if (retokenizer_) retokenizer_->reset();
-    decoder_ = std::make_unique<Decoder>(p, *facts_, p.sampling.seed, bridged());
     t_start_ = std::chrono::steady_clock::now();
+    seq_.start(models, prompts, p, *facts_, bridged());
     for (int r = 0; r < kRoles; ++r) {
-        Track& tr = tracks_[r];
-        if (!tr.model) continue;
-        tr.calls0 = tr.model->decode_calls();
-        tr.tokens0 = tr.model->decoded_tokens();
-        tr.target.clear();
-        tr.reused = tr.prompt = 0;
         if (!use[r]) continue;
-        tr.target = *prompts[r];
-        tr.prompt = static_cast<long>(tr.target.size());
-        tr.reused = static_cast<long>(std::min(common_prefix(tr.model->tokens(0), tr.target), tr.target.size() - 1));
-        for (int s = 1; s < tr.model->n_seq_max(); ++s) tr.model->truncate(s, 0);  // free best-of-N's cells
+        seq_.ctx[r] = models[r]->n_ctx_seq();
+        seq_.reused[r] = std::min(seq_.reused[r], seq_.prompt[r] - 1);  // the prompt's last token is read again
+        for (int s = 1; s < models[r]->n_seq_max(); ++s) models[r]->truncate(s, 0);  // free best-of-N's cells
     }
     t_first_ = t_start_;
 
-    Decoder& d = *decoder_;
+    Decoder& d = *seq_.decoder;
     std::vector<Step> out;
     out.reserve(cont.size());
     std::vector<float> rows[kRoles];
@@ -380,38 +408,20 @@ std::vector<Step> Engine::score(const std::vector<Token>& base_prompt, const std
         }
     }
     for (int r = 0; r < kRoles; ++r)
-        if (batched[r]) {
-            tracks_[r].target = *prompts[r];
-            tracks_[r].target.insert(tracks_[r].target.end(), cont.begin(), cont.end());
-        }
+        if (batched[r]) seq_.target[r].insert(seq_.target[r].end(), cont.begin(), cont.end());
     t_end_ = std::chrono::steady_clock::now();
     return out;
 }
 
 // One token the plain way: the server's step on a batch of one (decide_tokens), then emit.
 void Engine::plain_step() {
-    One one(*this, [this](int r) { return r == kGuide ? guide_logits() : tracks_[r].logits(); });
+    One one(*this, [this](int r) { return r == kGuide ? guide_logits() : logits(r); });
     decide_tokens(one, {0});
-    emit(decoder_->decided(), false);
-}
-
-bool Engine::room(Token next) {
-    for (int r = 0; r < kRoles; ++r) {
-        if (!used(r) || (r == kGuide && bridged())) continue;
-        if (static_cast<int>(tracks_[r].target.size()) >= tracks_[r].model->n_ctx_seq()) return false;
-    }
-    if (!bridged() || !used(kGuide)) return true;
-    // a guide that re-reads the text: its tokens of the text with `next`, counted exactly only
-    // when the cheap bound comes near its context
-    const size_t limit = static_cast<size_t>(tracks_[kGuide].model->n_ctx_seq()) - guide_prompt_.size();
-    return retokenizer_->fits(decoder_->text(), facts_->base->text_piece(next), limit);
+    emit(seq_.decoder->decided(), false);
 }
 
 bool Engine::emit(Step& s, bool in_kv) {
-    const bool finished = decoder_->emit(s, in_kv || facts_->eog[s.token] || room(s.token));
-    if (!finished && !in_kv)
-        for (int r = 0; r < kRoles; ++r)
-            if (used(r) && !(r == kGuide && bridged())) tracks_[r].target.push_back(s.token);  // a bridged guide follows the text
+    const bool finished = seq_.emit(s, *facts_, bridged(), in_kv);
     queue_.push_back(std::move(s));
     if (finished) {
         active_ = false;
@@ -421,7 +431,7 @@ bool Engine::emit(Step& s, bool in_kv) {
 }
 
 bool Engine::can_speculate() const {
-    const GenParams& p = decoder_->params();
+    const GenParams& p = seq_.decoder->params();
     if (p.speculative == Speculative::Off || !p.lazy || (bridged() && used(kGuide))) return false;  // see check()
     switch (p.policy.method) {
         case Method::Nudging: case Method::BlendIn: case Method::Ensemble: case Method::Proxy: case Method::DeRa:
@@ -437,8 +447,8 @@ bool Engine::can_speculate() const {
 // decoding's: below 1 the round pays. Plain decoding reads each token once per model (the lazy
 // guide in batches); a round reads k + 1 positions in one batch per model, plus the drafter's cost.
 double Engine::round_cost(int k, double a) {
-    auto seconds = [this](int role, int n) { return used(role) ? tracks_[role].model->decode_seconds(n) : 0.0; };
-    const bool by_guide = decoder_->params().drafter == Drafter::Guide;
+    auto seconds = [this](int role, int n) { return used(role) ? models_[role]->decode_seconds(n) : 0.0; };
+    const bool by_guide = seq_.decoder->params().drafter == Drafter::Guide;
     const double emitted = a >= 1 ? k + 1 : (1 - std::pow(a, k + 1)) / (1 - a);
     const double guide_read = seconds(kGuide, 8) / 8;
     const double plain = seconds(kBase, 1) + seconds(kAnti, 1) + guide_read;
@@ -455,7 +465,7 @@ double Engine::round_cost(int k, double a) {
 // are tried a few times first, and drafting again after 32 plain steps keeps the pace current.
 int Engine::draft_length() {
     if (!can_speculate()) return 0;
-    const GenParams& p = decoder_->params();
+    const GenParams& p = seq_.decoder->params();
     if (p.speculative == Speculative::On) return accept_ema_ < 0.5 && plain_steps_ < 16 ? 0 : draft_len_;
     if (could_pay_ < 0) {
         could_pay_ = 0;
@@ -471,15 +481,14 @@ int Engine::draft_length() {
 }
 
 std::vector<Token> Engine::draft_with_guide(int k) {
-    Track& guide = tracks_[kGuide];
-    Sampler& sampler = decoder_->sampler();
+    Sampler& sampler = seq_.decoder->sampler();
     if (guide_rows_.size() < static_cast<size_t>(k)) {
         guide_rows_.resize(k, std::vector<float>(n_vocab_));
         draft_q_.resize(k, std::vector<float>(n_vocab_));
     }
     std::vector<Token> drafts;
     for (int j = 0; j < k; ++j) {
-        const float* lg = guide.logits();
+        const float* lg = logits(kGuide);
         std::copy(lg, lg + n_vocab_, guide_rows_[j].begin());  // the next draft's decode replaces it
         Token d;
         if (sampler.greedy()) {
@@ -490,7 +499,7 @@ std::vector<Token> Engine::draft_with_guide(int k) {
             d = sampler.draw(draft_q_[j].data(), n_vocab_);
         }
         drafts.push_back(d);
-        guide.target.push_back(d);
+        seq_.target[kGuide].push_back(d);
         if (facts_->eog[d]) break;
     }
     return drafts;
@@ -499,7 +508,7 @@ std::vector<Token> Engine::draft_with_guide(int k) {
 // Prompt lookup: the tokens that followed the latest earlier occurrence of the context's last
 // n-gram (n = 3, 2, 1), up to k of them. Free to compute; often right where text is copied.
 std::vector<Token> Engine::draft_from_context(int k) const {
-    const std::vector<Token>& ctx = tracks_[kBase].target;
+    const std::vector<Token>& ctx = seq_.target[kBase];
     const size_t len = ctx.size();
     for (size_t n = std::min<size_t>(3, len - 1); n >= 1; --n) {
         for (size_t start = len - n; start-- > 0;) {
@@ -524,32 +533,30 @@ std::vector<Token> Engine::draft_from_context(int k) const {
 // rejection the caches roll back and the policy's own choice is emitted. All accepted: the base's
 // extra row gives one more token.
 void Engine::speculate(int k) {
-    Decoder& d = *decoder_;
+    Decoder& d = *seq_.decoder;
     const GenParams& p = d.params();
-    Track& base = tracks_[kBase];
-    Track& guide = tracks_[kGuide];
-    Track& anti = tracks_[kAnti];
+    std::vector<Token>* targets = seq_.target;
     size_t before[kRoles];
-    for (int r = 0; r < kRoles; ++r) before[r] = tracks_[r].target.size();
+    for (int r = 0; r < kRoles; ++r) before[r] = targets[r].size();
 
     k = std::min(k, static_cast<int>(p.max_tokens - d.tokens()) - 1);
     for (int r = 0; r < kRoles; ++r)
         if (used(r))
-            k = std::min({k, tracks_[r].model->n_ctx_seq() - 1 - static_cast<int>(tracks_[r].target.size()),
-                          tracks_[r].model->n_batch() - 1});
+            k = std::min({k, models_[r]->n_ctx_seq() - 1 - static_cast<int>(targets[r].size()),
+                          models_[r]->n_batch() - 1});
     const bool by_guide = p.drafter == Drafter::Guide;
     std::vector<Token> drafts;
     if (k >= 1) drafts = by_guide ? draft_with_guide(k) : draft_from_context(k);
     if (drafts.empty()) return plain_step();
     k = static_cast<int>(drafts.size());
-    std::vector<const float*> lb = base.verify(drafts, base_row0_);
+    std::vector<const float*> lb = verify(kBase, drafts, base_row0_);
     std::vector<const float*> la, lg_ngram;
-    if (used(kAnti)) la = anti.verify(drafts, anti_row0_);
+    if (used(kAnti)) la = verify(kAnti, drafts, anti_row0_);
     // the guide's logits at drafted position j: kept while drafting, or read in one batch the
     // first time the gate consults it (n-gram drafts)
     auto guide_row = [&](int j) -> const float* {
-        if (by_guide) return j < k ? guide_rows_[j].data() : guide.logits();
-        if (lg_ngram.empty()) lg_ngram = guide.verify(drafts, guide_row0_);
+        if (by_guide) return j < k ? guide_rows_[j].data() : logits(kGuide);
+        if (lg_ngram.empty()) lg_ngram = verify(kGuide, drafts, guide_row0_);
         return lg_ngram[j];
     };
     drafted_ += k;
@@ -578,8 +585,8 @@ void Engine::speculate(int k) {
     // rolls back at its next read) or not (a lazy guide that was never consulted reads them later)
     for (int r = 0; r < kRoles; ++r)
         if (used(r)) {
-            tracks_[r].target.resize(before[r]);
-            tracks_[r].target.insert(tracks_[r].target.end(), drafts.begin(), drafts.begin() + accepted);
+            targets[r].resize(before[r]);
+            targets[r].insert(targets[r].end(), drafts.begin(), drafts.begin() + accepted);
         }
     if (rejected) {
         emit(correction, false);
@@ -606,18 +613,11 @@ Stats decoder_stats(const Decoder& d) {
 
 Stats Engine::stats() const {
     Lease::Read read(lease_, kEngineName);
-    Stats s = decoder_ ? decoder_stats(*decoder_) : Stats{};
+    Stats s = seq_.decoder ? decoder_stats(*seq_.decoder) : Stats{};
     s.drafted = drafted_;
     s.accepted = accepted_;
     s.acceptance_rate = drafted_ ? static_cast<double>(accepted_) / drafted_ : 0;
-    for (int r = 0; r < kRoles; ++r) {
-        const Track& tr = tracks_[r];
-        if (!tr.model) continue;
-        s.prompt_tokens[r] = tr.prompt;
-        s.reused_tokens[r] = tr.reused;
-        s.decode_calls[r] = tr.model->decode_calls() - tr.calls0;
-        s.decoded_tokens[r] = tr.model->decoded_tokens() - tr.tokens0;
-    }
+    seq_.count(s, models_);
     auto end = active_ ? std::chrono::steady_clock::now() : t_end_;
     s.prefill_s = seconds(t_first_ - t_start_);
     s.generate_s = seconds(end - t_first_);

@@ -60,6 +60,33 @@ public:
 // antis. Each decoder's decided() then holds its token, to emit or follow.
 void decide_tokens(Sequences& seqs, const std::vector<int>& live);
 
+// One generation's place in the models: its Decoder, what each model is to have read (its prompt
+// and the generated tokens it follows; the Model records what its KV cache holds), a bridged
+// guide's prompt and tokenizer, its counts. The Engine runs one, the Scheduler one per slot, with
+// the same rules for starting, fitting and following a token.
+struct Sequence {
+    int seq = 0;                  // the models' KV sequence
+    int ctx[kRoles] = {};         // the tokens each model may hold for it
+    bool use[kRoles] = {};        // the models its method reads
+    std::unique_ptr<Decoder> decoder;
+    std::vector<Token> target[kRoles];
+    std::vector<Token> guide_prompt;           // a bridged guide's
+    std::unique_ptr<Retokenizer> retokenizer;  // a bridged guide reads the text through it
+    float unmatched = 0;                       // of a bridged guide's last row
+    long prompt[kRoles] = {}, reused[kRoles] = {};
+    long long calls0[kRoles] = {}, tokens0[kRoles] = {};
+
+    // A new generation: its decoder, each used model's prompt as its target (and how much of it the
+    // sequence already holds), the models' counters now.
+    void start(Model* const* models, const std::vector<Token>* const* prompts, const GenParams& p,
+               const TokenFacts& facts, bool bridged);
+    bool room(Token next, const TokenFacts& facts, bool bridged) const;  // every model can read `next`
+    // Account for a decided token (`in_kv`: an accepted draft every model has read). True when the
+    // generation ends with it; else each used model is to read it (a bridged guide follows the text).
+    bool emit(Step& step, const TokenFacts& facts, bool bridged, bool in_kv = false);
+    void count(Stats& s, Model* const* models) const;  // prompt, reused and decoded tokens, decode calls
+};
+
 class Engine {
 public:
     // guide and anti may be null (base alone; anti only for proxy). A guide with another
@@ -99,19 +126,10 @@ private:
     friend class Scheduler;  // runs many generations on this engine's models (scheduler.h)
     class One;               // the engine's sequence as Sequences (a batch of one)
 
-    // What one model is to have read: its prompt and the generated tokens it follows. The Model
-    // records what its KV cache holds; logits() brings it to the target.
-    struct Track {
-        Model* model = nullptr;
-        std::vector<Token> target;
-        long reused = 0, prompt = 0;
-        long long calls0 = 0, tokens0 = 0;
-        const float* logits() { return model->sync(0, target); }
-        // Read the target and the drafts in one batch: rows[i] = the logits after i drafts (the
-        // current row is copied into `row0` first when it is already there).
-        std::vector<const float*> verify(const std::vector<Token>& drafts, std::vector<float>& row0);
-    };
-
+    const float* logits(int role) { return models_[role]->sync(0, seq_.target[role]); }
+    // Read a model's target and the drafts in one batch: rows[i] = the logits after i drafts (the
+    // current row is copied into `row0` first when it is already there).
+    std::vector<const float*> verify(int role, const std::vector<Token>& drafts, std::vector<float>& row0);
     bool used(int role) const;
     // The checks start and score share: the parameters, each used model's prompt, the methods a
     // bridged guide cannot serve.
@@ -128,22 +146,18 @@ private:
     std::vector<Token> draft_from_context(int k) const;
     // Account for a decided token (`in_kv`: an accepted draft, already read by every model).
     bool emit(Step& s, bool in_kv);
-    bool room(Token next);  // every model can read `next` and still fit its context
 
     const float* guide_logits();  // on the base vocabulary (mapped through the bridge if needed)
     // the share of the guide's mass with no exact base token, at its last reading
-    float unmatched() const { return bridged() ? unmatched_ : 0.0f; }
+    float unmatched() const { return bridged() ? seq_.unmatched : 0.0f; }
 
-    Track tracks_[kRoles];
+    Model* models_[kRoles] = {};
     std::unique_ptr<VocabBridge> bridge_;
     std::unique_ptr<TokenFacts> facts_;
-    std::unique_ptr<Retokenizer> retokenizer_;  // a guide with its own vocabulary reads the text through it
-    std::vector<Token> guide_prompt_;
     std::vector<float> guide_p_, guide_mapped_;
-    float unmatched_ = 0;
     int n_vocab_ = 0;
 
-    std::unique_ptr<Decoder> decoder_;
+    Sequence seq_;  // sequence 0 of every model
     bool active_ = false;
     std::deque<Step> queue_;  // emitted by a speculative round, handed out one per step()
     int draft_len_ = 4;        // speculative on: the next draft's length

@@ -17,7 +17,7 @@ size_t common_prefix(const std::vector<Token>& a, const std::vector<Token>& b) {
 }  // namespace
 
 Scheduler::Scheduler(Engine& engine, int n_slots, int slot_ctx) : engine_(engine), slot_ctx_(slot_ctx) {
-    for (int r = 0; r < kRoles; ++r) models_[r] = engine.tracks_[r].model;
+    for (int r = 0; r < kRoles; ++r) models_[r] = engine.models_[r];
     if (n_slots < 1) throw ValueError("parallel must be at least 1, got " + std::to_string(n_slots));
     if (slot_ctx < 2) throw ValueError("the context per request must hold at least 2 tokens, got " + std::to_string(slot_ctx));
     for (Model* m : models_) {
@@ -105,34 +105,15 @@ void Scheduler::admit() {
 }
 
 void Scheduler::start(Slot& s, int seq, Request&& r) {
-    const Method m = r.params.policy.method;
-    const bool bridged = engine_.bridged();
     s.id = r.id;
     s.queued = r.queued;
     s.started = false;
-    s.use[kBase] = uses_base(m);
-    s.use[kGuide] = uses_guide(m);
-    s.use[kAnti] = uses_anti(m);
-    s.decoder = std::make_unique<Decoder>(r.params, *engine_.facts_, r.params.sampling.seed, bridged);
-    s.unmatched = 0;
-    if (bridged && s.use[kGuide]) {
-        s.guide_prompt = r.prompts[kGuide];
-        if (!s.retokenizer) s.retokenizer = std::make_unique<Retokenizer>(*models_[kGuide]);
-        s.retokenizer->reset();
-    }
+    s.seq = seq;
+    const std::vector<Token>* prompts[kRoles] = {&r.prompts[kBase], &r.prompts[kGuide], &r.prompts[kAnti]};
+    s.start(models_, prompts, r.params, *engine_.facts_, engine_.bridged());
     for (int k = 0; k < kRoles; ++k) {
+        s.ctx[k] = slot_ctx_;
         s.fresh[k] = false;
-        s.prompt[k] = s.reused[k] = 0;
-        s.target[k].clear();
-        if (!models_[k]) continue;
-        s.calls0[k] = models_[k]->decode_calls();
-        s.tokens0[k] = models_[k]->decoded_tokens();
-        if (!s.use[k]) continue;
-        s.target[k] = std::move(r.prompts[k]);
-        s.prompt[k] = static_cast<long>(s.target[k].size());
-        const size_t common = common_prefix(models_[k]->tokens(seq), s.target[k]);
-        const bool current = common == s.target[k].size() && models_[k]->logits_after(seq, common);
-        s.reused[k] = static_cast<long>(std::min(common, s.target[k].size() - (current ? 0 : 1)));
     }
 }
 
@@ -143,27 +124,9 @@ void Scheduler::fail(int i, const std::exception& e, std::vector<Event>& events)
     s.decoder.reset();
 }
 
-bool Scheduler::room(Slot& s, Token next) {
-    const bool bridged = engine_.bridged();
-    for (int r = 0; r < kRoles; ++r) {
-        if (!s.use[r] || (r == kGuide && bridged)) continue;
-        if (static_cast<int>(s.target[r].size()) >= slot_ctx_) return false;
-    }
-    if (!bridged || !s.use[kGuide]) return true;
-    return s.retokenizer->fits(s.decoder->text(), engine_.facts_->base->text_piece(next),
-                               static_cast<size_t>(slot_ctx_) - s.guide_prompt.size());
-}
-
 Stats Scheduler::finish(Slot& s) {
     Stats st = decoder_stats(*s.decoder);
-    for (int r = 0; r < kRoles; ++r) {
-        if (!models_[r]) continue;
-        st.prompt_tokens[r] = s.prompt[r];
-        st.reused_tokens[r] = s.reused[r];
-        // the models' decodes while the request ran: shared with the requests batched with it
-        st.decode_calls[r] = models_[r]->decode_calls() - s.calls0[r];
-        st.decoded_tokens[r] = models_[r]->decoded_tokens() - s.tokens0[r];
-    }
+    s.count(st, models_);
     const auto now = std::chrono::steady_clock::now();
     st.prefill_s = seconds(s.t_first - s.queued);  // waiting and reading the prompt, to the first token
     st.generate_s = seconds(now - s.t_first);
@@ -253,23 +216,17 @@ std::vector<Scheduler::Event> Scheduler::step() {
         Slot& s = slots_[i];
         if (s.id < 0) continue;  // ended by an error
         try {
-            Decoder& d = *s.decoder;
             if (!s.started) {
                 s.started = true;
                 s.t_first = now;
             }
-            Step& st = d.decided();
-            const Token t = st.token;
-            const bool finished = d.emit(st, engine_.facts_->eog[t] || room(s, t));
+            Step& st = s.decoder->decided();
+            const bool finished = s.emit(st, *engine_.facts_, bridged);
             Event ev{s.id, std::move(st), Stats{}, ""};
-            if (finished) {
+            if (finished)
                 ev.stats = finish(s);
-            } else {
-                for (int r = 0; r < kRoles; ++r) {
-                    if (s.use[r] && !(r == kGuide && bridged)) s.target[r].push_back(t);  // a bridged guide follows the text
-                    s.fresh[r] = false;
-                }
-            }
+            else
+                for (bool& f : s.fresh) f = false;
             events.push_back(std::move(ev));
         } catch (const std::exception& e) {  // this request alone ends
             fail(i, e, events);

@@ -1,9 +1,9 @@
 // Continuous batching: many generations at once on one engine's models, each in its own KV
 // sequence (its slot), all advanced by one token per step with one batched decode per model and
 // phase. Requests wait in a queue (first come, first served) and join at the next step where a
-// slot is free; a finished or cancelled one leaves at once. Each request is a Decoder, exactly as
-// a single generation is, so its tokens are the ones the request would get alone (up to the
-// rounding of batched arithmetic: see docs/server.md, "Batching and rounding").
+// slot is free; a finished or cancelled one leaves at once. Each request is a Sequence (engine.h),
+// exactly as a single generation is, so its tokens are the ones the request would get alone (bit
+// for bit with deterministic models: see docs/server.md, "Batching and rounding").
 //
 // One step: the waiting requests join free slots, every running request decides its token with
 // decide_tokens (engine.h: the phases a single generation also runs, as a batch of one; a lazy
@@ -63,18 +63,10 @@ private:
         GenParams params;
         std::chrono::steady_clock::time_point queued;
     };
-    struct Slot {
+    struct Slot : Sequence {
         long id = -1;  // the request it runs, -1: free
-        bool use[kRoles] = {};
-        std::unique_ptr<Decoder> decoder;
-        std::vector<Token> target[kRoles];  // what each model is to have read (see Engine::Track)
-        std::vector<float> rows[kRoles];    // the logits after target (a bridged guide: mapped probabilities)
-        bool fresh[kRoles] = {};            // rows[r] is current for target[r]
-        std::vector<Token> guide_prompt;
-        std::unique_ptr<Retokenizer> retokenizer;  // a bridged guide reads the text through it
-        float unmatched = 0;
-        long prompt[kRoles] = {}, reused[kRoles] = {};
-        long long calls0[kRoles] = {}, tokens0[kRoles] = {};
+        std::vector<float> rows[kRoles];  // the logits after target (a bridged guide: mapped probabilities)
+        bool fresh[kRoles] = {};          // rows[r] is current for target[r]
         std::chrono::steady_clock::time_point queued, t_first;
         bool started = false;  // its first token was decided
     };
@@ -85,7 +77,6 @@ private:
     void start(Slot& slot, int seq, Request&& r);
     // The request in slot i ends with error e (an event for it).
     void fail(int i, const std::exception& e, std::vector<Event>& events);
-    bool room(Slot& slot, Token next);
     Stats finish(Slot& slot);
 
     Engine& engine_;
