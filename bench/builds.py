@@ -3,11 +3,13 @@ another (a `pip install --target DIR` of another commit), to see what a change t
 
 Each round runs, in a fresh process per build (the builds alternating, the first build of a round
 alternating too), `Blender.complete_many` on --parallel chat requests of a real pair (blendin,
-greedy, --max-tokens each with ignore_eos, so the work is fixed); the table gives each build's
-median tokens/s and the median of the per-round ratios. One llama.cpp job runs at a time.
+greedy, --max-tokens each with ignore_eos, so the work is fixed), or with --alone the same
+requests one after another through `Blender.complete` (the single generation's loop); the table
+gives each build's median tokens/s and the median of the per-round ratios. One llama.cpp job runs
+at a time.
 
     git worktree add /tmp/old COMMIT && pip install --no-build-isolation --no-deps --target /tmp/old-site /tmp/old
-    python bench/builds.py --other /tmp/old-site [--pair real] [--parallel 8] [--rounds 6]
+    python bench/builds.py --other /tmp/old-site [--pair real] [--parallel 8 | --alone] [--rounds 6]
 """
 from __future__ import annotations
 
@@ -28,12 +30,15 @@ import json, sys, time
 import blendin_cpp as bc
 from blendin_cpp.real_models import pair_paths
 pair, n, max_tokens, questions = sys.argv[1], int(sys.argv[2]), int(sys.argv[3]), json.loads(sys.argv[4])
-kw = dict(n_ctx=512 * n, n_seq_max=n, n_threads=2)
+kw = dict(n_ctx=512 * max(n, 1), n_seq_max=max(n, 1), n_threads=2)
 base, guide = (bc.Model(p, **kw) for p in pair_paths(pair))
 blender = bc.Blender(base, guide, method="blendin")
 prompts = [[{"role": "user", "content": q}] for q in questions * 2]
 t = time.perf_counter()
-out = blender.complete_many(prompts, parallel=n, max_tokens=max_tokens, ignore_eos=True)
+if n == 0:  # --alone
+    out = [blender.complete(p, max_tokens=max_tokens, ignore_eos=True) for p in prompts]
+else:
+    out = blender.complete_many(prompts, parallel=n, max_tokens=max_tokens, ignore_eos=True)
 print(json.dumps({"tokens": sum(len(o.tokens) for o in out), "seconds": time.perf_counter() - t}))
 """
 
@@ -42,8 +47,9 @@ def run(site: str | None, args) -> float:
     env = dict(os.environ)
     if site:
         env["PYTHONPATH"] = site + (os.pathsep + env["PYTHONPATH"] if env.get("PYTHONPATH") else "")
-    r = subprocess.run([sys.executable, "-c", CHILD, args.pair, str(args.parallel), str(args.max_tokens),
-                        json.dumps(QUESTIONS)], env=env, capture_output=True, text=True, timeout=900)
+    n = 0 if args.alone else args.parallel
+    r = subprocess.run([sys.executable, "-c", CHILD, args.pair, str(n), str(args.max_tokens), json.dumps(QUESTIONS)],
+                       env=env, capture_output=True, text=True, timeout=900)
     if r.returncode != 0:
         sys.exit(f"the {'other' if site else 'installed'} build failed:\n{r.stderr[-2000:]}")
     d = json.loads(r.stdout.strip().splitlines()[-1])
@@ -55,6 +61,7 @@ def main() -> None:
     ap.add_argument("--other", required=True, help="a directory holding another build (pip install --target)")
     ap.add_argument("--pair", default="real")
     ap.add_argument("--parallel", type=int, default=8)
+    ap.add_argument("--alone", action="store_true", help="one request after another through Blender.complete")
     ap.add_argument("--max-tokens", type=int, default=48)
     ap.add_argument("--rounds", type=int, default=6)
     args = ap.parse_args()
@@ -68,7 +75,8 @@ def main() -> None:
         other.append(got[args.other])
         ratios.append(got[None] / got[args.other])
         print(f"round {k + 1}: installed {got[None]:.1f} tok/s, other {got[args.other]:.1f} tok/s", flush=True)
-    print(f"pair {args.pair}, {args.parallel} at once, {args.max_tokens} tokens each: installed "
+    how = "one at a time (complete)" if args.alone else f"{args.parallel} at once"
+    print(f"pair {args.pair}, {how}, {args.max_tokens} tokens each: installed "
           f"{statistics.median(here):.1f} tok/s, other {statistics.median(other):.1f} tok/s, "
           f"installed / other {statistics.median(ratios):.3f} (median of {args.rounds} rounds; "
           f"per round {min(ratios):.3f}-{max(ratios):.3f})")
